@@ -1,0 +1,77 @@
+"""The Python API: load, evaluate, bench, generate. The CLI is a thin layer over these."""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+from .data import DATASETS
+from .errors import ShearkitError
+from .models import load
+
+PPL_TASKS = tuple(name for name, ds in DATASETS.items() if ds.kind in ("eval", "text"))
+
+
+def evaluate(model, tokenizer, tasks: Iterable[str] | str = ("wikitext2",), *, seqlen: int = 2048,
+             limit: int | None = None, batch_size: int = 1, split: str | None = None,
+             data_dir: str | os.PathLike | None = None) -> dict[str, dict]:
+    """Evaluate a model: perplexity sets by the concatenated protocol, other names as zero-shot tasks.
+
+    Returns task -> record; each record has `metric` and `value` plus the protocol it was measured with.
+    """
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    tasks = list(tasks)
+    ppl_tasks = [t for t in tasks if t in PPL_TASKS or t.endswith((".txt", ".jsonl"))]
+    zs_tasks = [t for t in tasks if t not in ppl_tasks]
+    results: dict[str, dict] = {}
+    if zs_tasks:
+        try:
+            from .eval.zeroshot import check_tasks
+        except ModuleNotFoundError:
+            raise ShearkitError(f"Unknown task(s) {', '.join(zs_tasks)}; perplexity sets: {', '.join(PPL_TASKS)}.") from None
+        check_tasks(zs_tasks, data_dir=data_dir)
+    from .eval.perplexity import perplexity
+
+    for t in ppl_tasks:
+        r = perplexity(model, tokenizer, t, split=split, seqlen=seqlen, batch_size=batch_size, limit=limit,
+                       data_dir=data_dir)
+        results[t] = {"value": r["ppl"], **r}
+    if zs_tasks:
+        from .eval.zeroshot import zeroshot
+
+        results.update(zeroshot(model, tokenizer, zs_tasks, limit=limit, batch_size=batch_size, data_dir=data_dir))
+    return results
+
+
+def bench(model, *others, labels: list[str] | None = None, paths: list[str | None] | None = None,
+          **kwargs: Any) -> dict[str, dict]:
+    """Speed and size of one model, or of several measured together (interleaved) with ratios."""
+    from .eval.speed import benchmark
+
+    models = [model, *others]
+    labels = labels or [f"model{i}" for i in range(len(models))]
+    if len(set(labels)) != len(labels):
+        labels = [f"{l}#{i}" for i, l in enumerate(labels)]
+    return benchmark(dict(zip(labels, models)), paths=dict(zip(labels, paths or [None] * len(models))), **kwargs)
+
+
+def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, chat: bool | None = None) -> str:
+    """Greedy completion of `prompt`; instruct models (those with a chat template) get it applied."""
+    import torch
+
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+    if use_chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    else:
+        enc = tokenizer(prompt, return_tensors="pt")
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+__all__ = ["load", "evaluate", "bench", "generate"]

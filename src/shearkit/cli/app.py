@@ -1,0 +1,77 @@
+"""The typer app and options shared by commands."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from .._version import __version__
+
+app = typer.Typer(
+    name="shearkit",
+    help="Prune large language models (LoRAShear, LoRAPrune, BESA, FlexiGPT and baselines), recover them "
+         "with LoRA, and evaluate them.\n\nThe model (first argument) is a built-in name (smollm2-135m), a "
+         "local model directory, a .gguf file, or a Hugging Face hub id.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"shearkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
+                                                 help="Print the version and exit.")) -> None:
+    """shearkit: prune, recover, evaluate."""
+
+
+# Options shared across commands (typer needs them as defaults in each signature)
+MODEL_ARG = typer.Argument(None, help="Model: built-in name, local dir, .gguf file or hub id.", show_default=False)
+MODEL_OPT = typer.Option(None, "--model", "-m", help="The model, as an option (same as the first argument).")
+DEVICE_OPT = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
+DTYPE_OPT = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU)")
+CACHE_OPT = typer.Option(None, "--cache-dir", help="Cache for built-in models (default $SHEARKIT_CACHE).")
+DATA_OPT = typer.Option(None, "--data-dir", help="Local data directory (default $SHEARKIT_DATA).")
+OUT_OPT = typer.Option(None, "--out", help="Run directory (default runs/<command>-<timestamp>).")
+OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace an existing run directory.")
+RECIPE_OPT = typer.Option(None, "--recipe", help="YAML recipe; flags override its values.")
+SET_OPT = typer.Option(None, "--set", help="Override a recipe value: section.key=value (repeatable).")
+TRUST_OPT = typer.Option(False, "--trust-remote-code", help="Allow model code from the model directory.")
+
+
+def pick_model(model: Optional[str], model_opt: Optional[str], required: bool = True) -> Optional[str]:
+    """The model from the positional argument or --model (not both)."""
+    from ..errors import ShearkitError
+
+    if model and model_opt and model != model_opt:
+        raise ShearkitError(f"Two models given ('{model}' and --model '{model_opt}'); give one.")
+    m = model or model_opt
+    if required and not m:
+        raise ShearkitError("No model given: pass it as the first argument, e.g. `shearkit eval smollm2-135m`.")
+    return m
+
+
+def print_table(title: str, columns: list[str], rows: list[list]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c, justify="right" if c in ("value", "ratio") else "left")
+    for r in rows:
+        t.add_row(*[fmt(x) for x in r])
+    Console().print(t)
+
+
+def fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}" if abs(x) < 1e5 else f"{x:,.0f}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)

