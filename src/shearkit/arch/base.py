@@ -173,7 +173,7 @@ class ArchAdapter:
 
     def param_counts(self) -> dict[str, int]:
         """Total, unique (shared tensors counted once), embedding and non-embedding counts."""
-        total = sum(p.numel() for p in self.model.parameters(remove_duplicate=False))
+        total = sum(p.numel() for _, p in self.model.named_parameters(remove_duplicate=False))
         unique = sum(p.numel() for p in _unique_params(self.model))
         emb = sum(p.numel() for m in self.embeddings() for p in _unique_params(m))
         if not self.tied_embeddings:
@@ -190,7 +190,7 @@ class ArchAdapter:
 
 def _unique_params(module: nn.Module):
     seen: set[int] = set()
-    for p in module.parameters(remove_duplicate=False):
+    for _, p in module.named_parameters(remove_duplicate=False):
         if id(p) not in seen:
             seen.add(id(p))
             yield p

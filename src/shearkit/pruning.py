@@ -1,0 +1,91 @@
+"""`shearkit.prune` and `shearkit.apply_plan`: run a method, then cut (or zero) what it chose.
+
+Structured methods decide a plan from statistics and leave the model as it is; `apply_plan`
+then slices it (surgery). Methods that must prune as they go (blockwise ones such as SparseGPT,
+whose next block sees the previous pruned block's output) declare `in_place = True`: their
+`run` modifies the model and returns the plan that records what it did.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+from .errors import ShearkitError
+from .methods import PruneConfig, get_method, method_config
+from .plan import Plan
+
+
+def resolve_config(method: str | PruneConfig, ratio: float | None = None, **options: Any) -> PruneConfig:
+    """A method config from a name plus options, or a config object as given."""
+    if isinstance(method, PruneConfig):
+        if ratio is not None or options:
+            raise ShearkitError("Pass either a config object or a method name with options, not both.")
+        return method
+    data = {"method": method, **options}
+    if ratio is not None:
+        data["ratio"] = ratio
+    return method_config(data)
+
+
+def prune(model, tokenizer, method: str | PruneConfig, ratio: float | None = None, *, calib=None,
+          dry_run: bool = False, data_dir: str | os.PathLike | None = None, **options: Any) -> Plan:
+    """Prune `model` in place with a registered method and return the plan.
+
+    Args:
+        method: a method name (see `shearkit list`) or a method config object.
+        ratio: structured methods: fraction of the decoder blocks' parameters to remove;
+            unstructured methods: sparsity of the blocks' linear weights.
+        calib: a LongTensor (n, seqlen) of calibration tokens, or a `CalibConfig`; default:
+            64 windows of 512 tokens from `c4`.
+        dry_run: decide the plan without changing `model`.
+        options: further fields of the method's config.
+    """
+    from .recipe import CalibConfig
+
+    cfg = resolve_config(method, ratio, **options)
+    cls = get_method(cfg.method)
+    impl = cls(cfg)
+    tokens = None
+    if cls.needs_calibration:
+        tokens = calib_tokens(tokenizer, calib, data_dir)
+    target = copy.deepcopy(model) if (dry_run and getattr(cls, "in_place", False)) else model
+    plan = impl.run(target, tokenizer, tokens)
+    if not dry_run and not getattr(cls, "in_place", False):
+        apply_plan(model, plan, check=False)
+    return plan
+
+
+def calib_tokens(tokenizer, calib, data_dir=None):
+    """Calibration tokens from a tensor, a CalibConfig, or the default config."""
+    import torch
+
+    from .data import calibration_windows
+    from .recipe import CalibConfig
+
+    if isinstance(calib, torch.Tensor):
+        return calib
+    c = calib if isinstance(calib, CalibConfig) else CalibConfig()
+    return calibration_windows(tokenizer, c.dataset, c.samples, c.seqlen, c.seed, c.data_dir or data_dir)
+
+
+def apply_plan(model, plan: Plan, *, check: bool = True, masks: dict | None = None):
+    """Apply a plan to its base model (structured: slice; unstructured: zero with the saved masks).
+
+    With `check`, a plan made for another model is refused.
+    """
+    if check:
+        plan.check_base(model)
+    if plan.kind == "structured":
+        from .surgery import apply_structured
+
+        return apply_structured(model, plan)
+    if plan.kind == "unstructured":
+        from .sparsity.apply import apply_masks
+
+        return apply_masks(model, plan, masks)
+    if plan.kind == "blocks":
+        from .surgery.blocks import apply_blocks
+
+        return apply_blocks(model, plan)
+    raise ShearkitError(f"Plan kind '{plan.kind}' is not one shearkit can apply (structured, unstructured, blocks).")
