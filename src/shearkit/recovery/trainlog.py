@@ -1,0 +1,72 @@
+"""The training log (`train_log.jsonl`, one JSON record per logged step) and its loss-curve plot."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+class TrainLog:
+    """Append-only JSONL log; on resume, records after the resumed step are dropped first."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.records: list[dict] = []
+        if resume_step is not None and self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    if rec.get("step", 0) <= resume_step:
+                        self.records.append(rec)
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        text = "".join(json.dumps(r) + "\n" for r in self.records)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, self.path)
+
+    def append(self, record: dict) -> None:
+        self.records.append(record)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(records: list[dict], path: Path, title: str = "LoRA recovery") -> Path | None:
+    """Loss (and eval perplexity, when logged) against step, written as a PNG (Agg backend)."""
+    steps = [r["step"] for r in records if "loss" in r]
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(steps, [r["loss"] for r in records if "loss" in r], lw=1, label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    evals = [(r["step"], r["eval_ppl"]) for r in records if r.get("eval_ppl")]
+    if evals:
+        ax2 = ax.twinx()
+        for task in sorted({t for _, e in evals for t in e}):
+            pts = [(s, e[task]) for s, e in evals if task in e]
+            ax2.plot([p[0] for p in pts], [p[1] for p in pts], "o--", label=f"{task} ppl")
+        ax2.set_ylabel("perplexity")
+        ax2.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path

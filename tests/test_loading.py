@@ -1,0 +1,103 @@
+"""Model loading: built-in cache (concurrent first use), local dirs, errors."""
+import threading
+import time
+
+import pytest
+import torch
+
+import shearkit
+from shearkit.errors import ShearkitError
+from shearkit.models import builtin
+
+from conftest import make_tiny
+
+
+def test_local_dir_round_trip(tmp_path, tiny_tokenizer):
+    model = make_tiny("llama")
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    loaded, tok = shearkit.load(tmp_path / "m", device="cpu")
+    x = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits)
+    assert tok.pad_token is not None
+
+
+def test_bad_paths(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShearkitError, match="no config.json"):
+        shearkit.load(tmp_path / "empty")
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(ShearkitError, match="not a .gguf"):
+        shearkit.load(f)
+    with pytest.raises(ShearkitError, match="GGUF file not found"):
+        shearkit.load(tmp_path / "missing.gguf")
+
+
+def test_unknown_name_offline_is_clear(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ShearkitError, match="not a built-in name"):
+        shearkit.load("no-such-org/no-such-model-xyz")
+
+
+def test_bad_device_and_dtype():
+    from shearkit.device import resolve_device, resolve_dtype
+
+    with pytest.raises(ShearkitError, match="--device"):
+        resolve_device("tpu")
+    with pytest.raises(ShearkitError, match="--dtype"):
+        resolve_dtype("int3")
+    assert resolve_dtype("auto", "cpu") == torch.float32
+
+
+def test_builtin_concurrent_first_use(tmp_path, monkeypatch):
+    """Two processes' worth of first uses at once: one conversion, no corrupt cache."""
+    calls = []
+
+    def fake_download(spec, work):
+        calls.append(1)
+        time.sleep(0.3)  # let the other thread reach the lock
+        g = work / "x.gguf"
+        g.write_bytes(b"gguf")
+        return g
+
+    def fake_convert(gguf, out, source):
+        out.mkdir()
+        (out / "model.safetensors").write_bytes(b"w" * 10)
+        time.sleep(0.2)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(builtin, "_download_gguf", fake_download)
+    monkeypatch.setattr(builtin, "_convert_gguf_dir", fake_convert)
+    results = []
+    ts = [threading.Thread(target=lambda: results.append(builtin.builtin_path("smollm2-135m", tmp_path)))
+          for _ in range(3)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    assert len(calls) == 1
+    assert len(set(results)) == 1
+    target = results[0]
+    assert (target / "config.json").exists() and (target / "model.safetensors").stat().st_size == 10
+    leftovers = [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".smollm2")]
+    assert leftovers == []
+
+
+def test_builtin_failed_conversion_leaves_no_cache(tmp_path, monkeypatch):
+    def boom(spec, work):
+        raise ShearkitError("download failed")
+
+    monkeypatch.setattr(builtin, "_download_gguf", boom)
+    with pytest.raises(ShearkitError):
+        builtin.builtin_path("smollm2-135m", tmp_path)
+    assert not (tmp_path / "models" / "smollm2-135m").exists()
+
+
+@pytest.mark.slow
+def test_builtin_model_geometry(smollm):
+    model, tok = smollm
+    ad = shearkit.get_adapter(model)
+    d = ad.describe()
+    assert (d["layers"], d["heads"], d["kv_heads"], d["head_dim"], d["tied_embeddings"]) == (30, 9, 3, 64, True)
+    assert "quantization_config" not in model.config.to_dict()
+    assert tok.chat_template
