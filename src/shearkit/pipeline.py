@@ -1,0 +1,121 @@
+"""One run, end to end: load -> prune -> recover -> evaluate -> save, into one run directory.
+
+`shearkit prune` and `shearkit run` both go through `run_pipeline`; what a run does is what its
+recipe says (a `prune` section, an optional `recover` section, an `eval` section).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .errors import ShearkitError
+from .recipe import Recipe
+from .runs import RunDir
+
+SAVE_FORMATS = ("dense", "compressed-tensors", "none")
+
+
+def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = False, dry_run: bool = False,
+                 command: str = "run", echo=print) -> dict[str, Any]:
+    """Execute a recipe and return its metrics (also written to `<run>/metrics.json`)."""
+    from . import api
+    from .arch import get_adapter
+    from .eval.speed import PeakMemory
+    from .pruning import calib_tokens, prune, resolve_config
+
+    save_format = recipe.top.get("save_format", "dense")
+    if save_format not in SAVE_FORMATS:
+        raise ShearkitError(f"save_format must be one of {', '.join(SAVE_FORMATS)}, got '{save_format}'.")
+    pcfg = recipe.get("prune")
+    rcfg = recipe.get("recover")
+    if pcfg is None and rcfg is None:
+        raise ShearkitError("The recipe has neither a 'prune' nor a 'recover' section: nothing to run. "
+                            "Add e.g. `prune: {method: llm-pruner, ratio: 0.2}`.")
+    run = RunDir(out or recipe.top.get("out"), command, overwrite)
+    metrics: dict[str, Any] = {"model": recipe.model.name}
+    try:
+        run.write_recipe(recipe)
+        mc, ec = recipe.model, recipe.eval
+        echo(f"[1/5] loading {mc.name}")
+        model, tok = api.load(mc.name, device=mc.device, dtype=mc.dtype, cache_dir=mc.cache_dir,
+                              trust_remote_code=mc.trust_remote_code)
+        device = next(model.parameters()).device
+        run.write_env(str(device), recipe.top.get("seed"))
+        data_dir = ec.data_dir or recipe.calib.data_dir
+        evaluate = lambda m: api.evaluate(m, tok, ec.tasks, seqlen=ec.seqlen, limit=ec.limit,  # noqa: E731
+                                          batch_size=ec.batch_size, split=ec.split, data_dir=data_dir)
+        if recipe.top.get("eval_dense", True) and not dry_run:
+            echo("[2/5] evaluating the dense model")
+            metrics["dense"] = {"tasks": evaluate(model), "params": get_adapter(model).param_counts()}
+            run.write_metrics(metrics)
+        plan = None
+        if pcfg is not None:
+            echo(f"[3/5] pruning with {pcfg.method} at ratio {pcfg.ratio}")
+            tokens = None
+            from .methods import get_method
+
+            if get_method(pcfg.method).needs_calibration:
+                tokens = calib_tokens(tok, recipe.calib, data_dir)
+            t0 = time.perf_counter()
+            with PeakMemory(device) as pm:
+                plan = prune(model, tok, pcfg, calib=tokens, dry_run=dry_run)
+            metrics["prune"] = {"method": plan.method, "kind": plan.kind, "ratio_target": plan.ratio_target,
+                                "ratio_achieved": plan.ratio_achieved, "wall_s": time.perf_counter() - t0,
+                                "peak_memory_bytes": pm.peak, "peak_memory_kind": "cuda_max_allocated"
+                                if device.type == "cuda" else "process_rss"}
+            plan.save(run.path / "plan.json")
+            _save_plan_sidecars(plan, run)
+            run.log(f"plan: ratio achieved {plan.ratio_achieved:.4f}")
+            if dry_run:
+                run.write_metrics(metrics)
+                return {**metrics, "plan": plan, "run_dir": str(run.path)}
+        if rcfg is not None and getattr(rcfg, "steps", 0) > 0:
+            echo(f"[4/5] LoRA recovery, {rcfg.steps} steps")
+            from .recovery import recover
+
+            teacher = None
+            if getattr(rcfg, "distill", 0):
+                teacher = api.load(mc.name, device=mc.device, dtype=mc.dtype, cache_dir=mc.cache_dir)[0]
+            t0 = time.perf_counter()
+            model, history = recover(model, tok, rcfg, teacher=teacher, out_dir=run.path, data_dir=data_dir)
+            metrics["recover"] = {**_plain(history), "wall_s": time.perf_counter() - t0}
+            if plan is not None and plan.kind == "unstructured":  # recovery must not refill pruned weights
+                from .pruning import apply_plan
+
+                apply_plan(model, plan, check=False, masks=getattr(plan, "_masks", None))
+        echo("[5/5] evaluating and saving")
+        metrics["tasks"] = evaluate(model)
+        metrics["params"] = get_adapter(model).param_counts()
+        if save_format != "none":
+            _save_model(model, tok, run, plan, metrics, save_format)
+        run.write_metrics(metrics)
+        echo(f"run directory: {run.path}")
+        return {**metrics, "run_dir": str(run.path)}
+    finally:
+        run.close()
+
+
+def _plain(history: Any) -> dict:
+    if isinstance(history, dict):
+        return {k: v for k, v in history.items() if k != "log"}
+    return {"history": str(history)}
+
+
+def _save_plan_sidecars(plan, run: RunDir) -> None:
+    """Unstructured plans keep their masks beside plan.json (masks.safetensors)."""
+    masks = getattr(plan, "_masks", None)
+    if masks:
+        from .sparsity.apply import save_masks
+
+        save_masks(masks, run.path / "masks.safetensors")
+
+
+def _save_model(model, tok, run: RunDir, plan, metrics: dict, save_format: str) -> None:
+    from .io.save import save
+
+    if save_format == "compressed-tensors":
+        from .io.sparse_export import save_compressed
+
+        save_compressed(model, tok, run.path / "model", plan=plan)
+    else:
+        save(model, tok, run.path / "model", plan=plan, metrics=metrics)
