@@ -57,6 +57,17 @@ def make_tiny(family: str, seed: int = 0):
     return m.eval()
 
 
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """Tiny models run far faster on one thread (less so on a shared 2-core machine);
+    tests of the real model keep the default."""
+    before = torch.get_num_threads()
+    if request.node.get_closest_marker("slow") is None:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 FAMILIES = ["llama", "llama_tied", "mistral", "qwen2", "opt", "gpt2"]
 
 

@@ -53,3 +53,20 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("eval: [unclosed\n")
     with pytest.raises(ShearkitError, match="not valid YAML"):
         load_recipe(bad)
+
+
+def test_every_shipped_recipe_loads():
+    from shearkit.recipe import BUILTIN_RECIPES, builtin_recipes
+
+    names = builtin_recipes()
+    assert "quick" in names
+    for name in names:
+        r = load_recipe(name)
+        assert r.model.name == "smollm2-135m"
+        assert r.get("prune") is not None, name
+        assert load_recipe(BUILTIN_RECIPES / f"{name}.yaml").to_dict() == r.to_dict()
+
+
+def test_unknown_shipped_recipe_suggests():
+    with pytest.raises(ShearkitError, match="Did you mean 'quick'"):
+        load_recipe("quik")

@@ -11,6 +11,23 @@ from .models import load
 PPL_TASKS = tuple(name for name, ds in DATASETS.items() if ds.kind in ("eval", "text"))
 
 
+def check_tasks(tasks: Iterable[str] | str, data_dir: str | os.PathLike | None = None) -> tuple[list[str], list[str]]:
+    """Split task names into perplexity sets and zero-shot tasks, refusing unknown names early
+    (before a model is loaded)."""
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    tasks = list(tasks)
+    ppl_tasks = [t for t in tasks if t in PPL_TASKS or t.endswith((".txt", ".jsonl"))]
+    zs_tasks = [t for t in tasks if t not in ppl_tasks]
+    if zs_tasks:
+        try:
+            from .eval.zeroshot import check_tasks as check_zeroshot
+        except ModuleNotFoundError:
+            raise ShearkitError(f"Unknown task(s) {', '.join(zs_tasks)}; perplexity sets: {', '.join(PPL_TASKS)}.") from None
+        check_zeroshot(zs_tasks, data_dir=data_dir)
+    return ppl_tasks, zs_tasks
+
+
 def evaluate(model, tokenizer, tasks: Iterable[str] | str = ("wikitext2",), *, seqlen: int = 2048,
              limit: int | None = None, batch_size: int = 1, split: str | None = None,
              data_dir: str | os.PathLike | None = None) -> dict[str, dict]:
@@ -18,18 +35,8 @@ def evaluate(model, tokenizer, tasks: Iterable[str] | str = ("wikitext2",), *, s
 
     Returns task -> record; each record has `metric` and `value` plus the protocol it was measured with.
     """
-    if isinstance(tasks, str):
-        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
-    tasks = list(tasks)
-    ppl_tasks = [t for t in tasks if t in PPL_TASKS or t.endswith((".txt", ".jsonl"))]
-    zs_tasks = [t for t in tasks if t not in ppl_tasks]
+    ppl_tasks, zs_tasks = check_tasks(tasks, data_dir)
     results: dict[str, dict] = {}
-    if zs_tasks:
-        try:
-            from .eval.zeroshot import check_tasks
-        except ModuleNotFoundError:
-            raise ShearkitError(f"Unknown task(s) {', '.join(zs_tasks)}; perplexity sets: {', '.join(PPL_TASKS)}.") from None
-        check_tasks(zs_tasks, data_dir=data_dir)
     from .eval.perplexity import perplexity
 
     for t in ppl_tasks:
@@ -74,4 +81,4 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, chat: b
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-__all__ = ["load", "evaluate", "bench", "generate"]
+__all__ = ["load", "evaluate", "check_tasks", "bench", "generate"]

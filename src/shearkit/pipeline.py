@@ -31,6 +31,7 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
     if pcfg is None and rcfg is None:
         raise ShearkitError("The recipe has neither a 'prune' nor a 'recover' section: nothing to run. "
                             "Add e.g. `prune: {method: llm-pruner, ratio: 0.2}`.")
+    api.check_tasks(recipe.eval.tasks, recipe.eval.data_dir or recipe.calib.data_dir)  # before any slow work
     run = RunDir(out or recipe.top.get("out"), command, overwrite)
     metrics: dict[str, Any] = {"model": recipe.model.name}
     try:
@@ -70,11 +71,15 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
                 run.write_metrics(metrics)
                 return {**metrics, "plan": plan, "run_dir": str(run.path)}
         if rcfg is not None and getattr(rcfg, "steps", 0) > 0:
+            if plan is not None:  # the figure before recovery, to show what recovery buys
+                echo("[4/5] evaluating the pruned model before recovery")
+                metrics["pruned"] = {"tasks": evaluate(model)}
+                run.write_metrics(metrics)
             echo(f"[4/5] LoRA recovery, {rcfg.steps} steps")
             from .recovery import recover
 
             teacher = None
-            if getattr(rcfg, "distill", 0):
+            if getattr(rcfg, "distill_weight", 0):
                 teacher = api.load(mc.name, device=mc.device, dtype=mc.dtype, cache_dir=mc.cache_dir)[0]
             t0 = time.perf_counter()
             model, history = recover(model, tok, rcfg, teacher=teacher, out_dir=run.path, data_dir=data_dir)

@@ -69,7 +69,10 @@ class Plan:
         ad = get_adapter(model)
         return {"name": getattr(model.config, "name_or_path", None) or "", "model_type": model.config.model_type,
                 "fingerprint": fingerprint(model), "block_params": ad.block_param_count(),
-                "num_layers": ad.num_layers}
+                "num_layers": ad.num_layers,
+                # per-layer widths of the base, so a report can show kept = base - removed
+                "geometry": [{"heads": b.attn.num_heads, "kv_heads": b.attn.num_kv_heads, "head_dim": b.attn.head_dim,
+                              "mlp": b.mlp.width} for b in ad.blocks()]}
 
     def check_base(self, model) -> None:
         """Refuse to apply this plan to a model other than the one it was made for."""

@@ -237,14 +237,32 @@ def apply_override(data: dict, item: str) -> None:
     data[section][key] = value
 
 
+BUILTIN_RECIPES = Path(__file__).parent / "recipes"
+
+
+def builtin_recipes() -> list[str]:
+    """Names of the recipes shipped with shearkit (usable as `shearkit run NAME`)."""
+    return sorted(p.stem for p in BUILTIN_RECIPES.glob("*.yaml"))
+
+
+def resolve_recipe_path(path: str | Path) -> Path:
+    """A recipe file path, or the shipped recipe of that name (`quick`, `wanda`, ...)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = BUILTIN_RECIPES / f"{p.name.removesuffix('.yaml')}.yaml"
+    if p.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise ShearkitError(f"Recipe file not found: {p}. Shipped recipes: {', '.join(builtin_recipes())}"
+                        f"{did_you_mean(p.stem, builtin_recipes())}")
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
                 extra: dict | None = None) -> Recipe:
     """Read a YAML recipe (optional), merge `extra` section values (from CLI flags) and overrides."""
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ShearkitError(f"Recipe file not found: {p}")
+        p = resolve_recipe_path(path)
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

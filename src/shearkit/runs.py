@@ -49,9 +49,11 @@ def environment(device: str | None = None, seed: int | None = None) -> dict[str,
 class RunDir:
     """A run directory being written."""
 
-    def __init__(self, path: str | os.PathLike | None, command: str, overwrite: bool = False):
+    def __init__(self, path: str | os.PathLike | None, command: str, overwrite: bool = False,
+                 reuse: bool = False):
+        # reuse=True continues in an existing run directory (e.g. `recover --resume`), keeping its files
         self.path = Path(path) if path else default_run_dir(command)
-        if self.path.exists() and any(self.path.iterdir()):
+        if self.path.exists() and any(self.path.iterdir()) and not reuse:
             if not overwrite:
                 raise ShearkitError(f"Run directory {self.path} already exists and is not empty; "
                                     "choose another --out or pass --overwrite.")

@@ -62,6 +62,7 @@ def run_eval(r, out: Optional[str], overwrite: bool) -> dict:
     from .. import api
     from ..runs import RunDir
 
+    api.check_tasks(r.eval.tasks, r.eval.data_dir)  # fail on a bad task name before loading the model
     run = RunDir(out or r.top.get("out"), "eval", overwrite)
     try:
         run.write_recipe(r)

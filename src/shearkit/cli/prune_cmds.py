@@ -84,13 +84,17 @@ def run_cmd(
 ) -> None:
     """Run load -> prune -> recover -> evaluate -> report from a recipe (or --method/--ratio with defaults).
 
-    Example: shearkit run recipes/quick.yaml
+    RECIPE is a YAML file or the name of a shipped recipe (quick, llm-pruner, wanda, sparsegpt, besa, ...).
+
+    Example: shearkit run quick
     """
     from ..errors import ShearkitError
     from ..recipe import load_recipe
 
     if recipe_path is None and method is None:
-        raise ShearkitError("Give a recipe file (e.g. recipes/quick.yaml) or --method and --ratio.")
+        raise ShearkitError("Give a recipe (a YAML file, or a shipped name such as `quick`) or --method and --ratio.")
+    if recipe_path is None:
+        recipe_path = "quick"  # defaults for everything but the method and ratio
     if ratio is not None and not 0.0 < ratio < 1.0:
         raise ShearkitError(f"--ratio must be strictly between 0 and 1 (got {ratio}).")
     extra = {"model": _model_section(model, device, dtype, None, False),

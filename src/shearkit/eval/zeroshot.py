@@ -81,8 +81,10 @@ def standard_names() -> dict[str, str]:
 @functools.lru_cache(maxsize=1)
 def harness_task_names() -> frozenset[str]:
     """Every task, group and tag name the installed harness knows (indexing takes ~10 s, so it is cached)."""
-    from lm_eval.tasks import TaskManager
-
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:  # no harness: only the names shearkit ships are known
+        return frozenset()
     return frozenset(TaskManager().all_tasks)
 
 
@@ -205,9 +207,13 @@ def zeroshot(model, tokenizer, names: Iterable[str] | str, limit: int | None = N
     if batch_size < 1:
         raise ShearkitError(f"batch_size must be at least 1, got {batch_size}.")
     resolved = resolve_tasks(names, data_dir)
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise ShearkitError(f"Zero-shot tasks need lm-evaluation-harness ({e}); install it with "
+                            "`pip install lm_eval`.") from None
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     with tempfile.TemporaryDirectory(prefix="shearkit-tasks-") as tmp:

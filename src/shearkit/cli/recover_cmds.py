@@ -1,0 +1,142 @@
+"""Command: recover (LoRA fine-tuning of a pruned model, merged on save)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .app import (CACHE_OPT, DATA_OPT, DEVICE_OPT, DTYPE_OPT, MODEL_ARG, MODEL_OPT, OUT_OPT, OVERWRITE_OPT,
+                  RECIPE_OPT, SET_OPT, TRUST_OPT, app, pick_model)
+
+
+@app.command("recover")
+def recover_cmd(
+    model: Optional[str] = MODEL_ARG,
+    model_opt: Optional[str] = MODEL_OPT,
+    data: Optional[str] = typer.Option(None, "--data", help="Named set (alpaca, lima, gsm8k: instructions; c4, wiki: "
+                                       "text) or a .json/.jsonl/.txt file. Default alpaca."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default 200)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 2e-4)."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank (default 8)."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha (default 16)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per micro-batch (default 4)."),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per step (default 1)."),
+    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Packed window / maximum example length (default 512)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="cosine | linear | constant"),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Perplexity every N steps (and before/after)."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps (for --resume)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Dense model to distil from (with --distill)."),
+    distill: Optional[float] = typer.Option(None, "--distill", help="Weight of the distillation loss, 0..1."),
+    save_adapter: bool = typer.Option(False, "--save-adapter", help="Also save the adapters (peft format)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    device: str = DEVICE_OPT, dtype: str = DTYPE_OPT, cache_dir: Optional[str] = CACHE_OPT,
+    data_dir: Optional[str] = DATA_OPT, out: Optional[str] = OUT_OPT, overwrite: bool = OVERWRITE_OPT,
+    recipe: Optional[str] = RECIPE_OPT, set_: Optional[List[str]] = SET_OPT, trust_remote_code: bool = TRUST_OPT,
+) -> None:
+    """Recover a (pruned) model with LoRA and save the merged model in <run>/model.
+
+    Example: shearkit recover runs/lp20/model --data alpaca --steps 200 --out runs/lp20-rec
+    """
+    from ..errors import ShearkitError
+    from ..recipe import load_recipe
+
+    m = pick_model(model, model_opt, required=recipe is None)
+    if resume and not (out and Path(out).is_dir()):
+        raise ShearkitError("--resume needs --out pointing at the run directory of the interrupted run.")
+    if resume and overwrite:
+        raise ShearkitError("--resume and --overwrite contradict each other; give one.")
+    r = load_recipe(recipe, set_, extra={
+        "model": {"name": m, "device": device if device != "auto" else None, "dtype": dtype if dtype != "auto" else None,
+                  "cache_dir": cache_dir, "trust_remote_code": trust_remote_code or None},
+        "recover": {"data": data, "steps": steps, "lr": lr, "rank": rank, "alpha": alpha, "batch_size": batch_size,
+                    "grad_accum": grad_accum, "seqlen": seqlen, "schedule": schedule, "eval_every": eval_every,
+                    "save_every": save_every, "distill_weight": distill, "save_adapter": save_adapter or None,
+                    "seed": seed, "data_dir": data_dir}})
+    if r.get("recover") is None:
+        from ..recovery import RecoverConfig
+
+        r.sections["recover"] = RecoverConfig()
+    metrics = run_recover(r, out, overwrite, resume, teacher)
+    if as_json:
+        typer.echo(json.dumps(metrics, indent=2, default=str))
+    else:
+        h = metrics["recover"]
+        typer.echo(f"loss {h['loss_first']:.4f} -> {h['loss_last']:.4f} over {h['steps_done']} steps; "
+                   f"{h['budget']['statement']}" if h["loss_first"] is not None else "no step was trained")
+        if h.get("stopped"):
+            typer.echo(f"stopped early ({h['stopped']}) at step {h['stopped_at']}; kept the adapters of step "
+                       f"{h['restored_to_step']}")
+
+
+def run_recover(r, out: Optional[str], overwrite: bool, resume: bool = False, teacher: Optional[str] = None) -> dict:
+    """Load the model (and teacher), recover it, save the merged model and write the run directory."""
+    from .. import api
+    from ..errors import ShearkitError
+    from ..recovery import recover
+    from ..runs import RunDir
+
+    rc, mc = r.get("recover"), r.model
+    if rc.distill_weight > 0 and not teacher:
+        raise ShearkitError("--distill needs --teacher, the dense model to distil from.")
+    if not rc.merge:
+        raise ShearkitError("The recover command saves the merged model; set recover.merge true "
+                            "(use --save-adapter to keep the adapters as well).")
+    run = RunDir(out or r.top.get("out"), "recover", overwrite, reuse=resume)
+    try:
+        run.write_recipe(r)
+        run.log(f"loading {mc.name}")
+        model, tok = api.load(mc.name, device=mc.device, dtype=mc.dtype, cache_dir=mc.cache_dir,
+                              trust_remote_code=mc.trust_remote_code)
+        run.write_env(str(next(model.parameters()).device), rc.seed)
+        tmodel = None
+        if teacher and rc.distill_weight > 0:
+            run.log(f"loading teacher {teacher}")
+            tmodel = api.load(teacher, device=mc.device, dtype=mc.dtype, cache_dir=mc.cache_dir,
+                              trust_remote_code=mc.trust_remote_code)[0]
+        model, history = recover(model, tok, rc, teacher=tmodel, out_dir=run.path, resume=resume,
+                                 data_dir=rc.data_dir)
+        run.log(f"recovery: {history['budget']['statement']}; stopped={history['stopped']}")
+        saver = save_model(model, tok, run.path / "model", source=mc.name, evals=history.get("eval") or {},
+                           overwrite=resume)  # a resumed run replaces only its own output
+        metrics = {"model": mc.name, "saved_with": saver,
+                   "recover": {k: v for k, v in history.items() if k != "losses"}}
+        run.write_metrics(metrics)
+        typer.echo(f"run directory: {run.path}", err=True)
+        return metrics
+    finally:
+        run.close()
+
+
+def save_model(model, tokenizer, path: Path, source: str | None = None, evals: dict | None = None,
+               overwrite: bool = False) -> str:
+    """Save the recovered model with shearkit's saver (per-layer widths, provenance, card).
+
+    The plan of a pruned input model (its `plan.json`) is carried over, and the last perplexities
+    measured during recovery go into the card. Falls back to `save_pretrained` (uniform widths
+    only) when `shearkit.io.save` is not available. Returns which saver ran.
+    """
+    try:
+        from ..io.save import save
+    except ModuleNotFoundError as e:
+        if e.name != "shearkit.io.save":
+            raise
+        from ..io.atomic import atomic_dir
+
+        with atomic_dir(path, overwrite=overwrite) as tmp:
+            model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+        return "save_pretrained"
+    from ..plan import Plan
+
+    plan = None
+    if source and (Path(source) / "plan.json").is_file():
+        plan = Plan.load(Path(source) / "plan.json")
+    numeric = [k for k in (evals or {}) if isinstance(k, int)]
+    last = (evals or {}).get(max(numeric)) if numeric else None
+    metrics = {task: {"ppl": v, "when": "after recovery"} for task, v in last.items()} if last else None
+    save(model, tokenizer, path, plan=plan, metrics=metrics, overwrite=overwrite)
+    return "shearkit.io.save"
