@@ -85,3 +85,9 @@ def test_readme_quick_eval(tmp_path, data_dir):
                 str(tmp_path / "r"), "--json")
     assert r.returncode == 0, r.stderr
     assert 10 < json.loads(r.stdout)["wikitext2"]["value"] < 60
+
+
+def test_unknown_task_fails_before_loading(tmp_path):
+    r = run_cli("eval", "smollm2-135m", "--tasks", "piqaa", "--out", str(tmp_path / "z"))
+    assert r.returncode == 2 and "piqa" in r.stderr
+    assert not (tmp_path / "z").exists()  # refused before a run directory or a model load

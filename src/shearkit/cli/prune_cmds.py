@@ -143,8 +143,15 @@ def _run(recipe, out, overwrite, dry_run, command, as_json) -> dict:
 
 
 def _print_plan(plan) -> None:
-    print_table(f"plan: {plan.method} ({plan.kind}), ratio target {plan.ratio_target}, achieved "
-                f"{plan.ratio_achieved:.4f}", ["layer", "removed / sparsity"], plan.summary_rows())
+    title = f"plan: {plan.method} ({plan.kind}), ratio target {plan.ratio_target}, achieved {plan.ratio_achieved:.4f}"
+    if plan.kind == "structured":
+        from ..graph.summary import plan_summary, plan_table
+
+        headers, rows = plan_table(plan)
+        print_table(title, headers, rows)
+        typer.echo(f"export: {plan_summary(plan)['export']}")
+    else:
+        print_table(title, ["layer", "sparsity"], plan.summary_rows())
     if plan.blocks:
         typer.echo(f"blocks removed: {plan.blocks}")
     if plan.replaced:

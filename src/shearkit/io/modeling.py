@@ -17,7 +17,22 @@ def is_shearkit_model(path: str | Path) -> bool:
     return cfg.exists() and LAYER_SHAPES_KEY in json.loads(cfg.read_text())
 
 
-def load_shearkit_model(path: str | Path, torch_dtype):  # filled in with the structured-pruning core
-    from ..errors import ShearkitError
+def load_shearkit_model(path: str | Path, torch_dtype=None):
+    """Load a model saved with per-layer widths (`shearkit_layer_shapes` in its config).
 
-    raise ShearkitError(f"{path} holds a model with per-layer widths, which this version cannot rebuild yet.")
+    Uses the same class that the `modeling_shearkit.py` written beside the model defines, so this
+    and `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` give identical models.
+    """
+    from ..errors import ShearkitError
+    from .remote_code import make_class
+
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    archs = cfg.get("architectures") or []
+    if not archs:
+        raise ShearkitError(f"{path}/config.json names no architecture; re-save the model with shearkit.save.")
+    try:
+        cls = make_class(archs[0])
+    except AttributeError:
+        raise ShearkitError(f"{path}: architecture '{archs[0]}' is not in this transformers version.") from None
+    kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    return cls.from_pretrained(path, **kwargs)

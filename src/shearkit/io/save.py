@@ -1,0 +1,134 @@
+"""Save a (pruned) model as a standard Hugging Face directory, atomically, with its provenance.
+
+Uniform widths give a plain `config.json` that vanilla `AutoModelForCausalLM.from_pretrained`
+loads (and so vLLM and llama.cpp's converter, which read the same keys). Per-layer widths add
+`shearkit_layer_shapes` to the config and write `modeling_shearkit.py` beside the weights, with
+`auto_map` pointing at it: `shearkit.load(path)` and `from_pretrained(path,
+trust_remote_code=True)` then both load it, identically. Weights are safetensors only. Beside
+them: the tokenizer, the generation config, `plan.json`, `shearkit.json` (provenance),
+`metrics.json` when given and a short `README.md` model card. Everything is written into a
+temporary directory that is renamed into place when complete.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from .._version import __version__
+from ..errors import ShearkitError
+from ..graph.groups import unwrap
+from ..plan import Plan, fingerprint
+from .atomic import atomic_dir, write_json, write_text
+from .modeling import LAYER_SHAPES_KEY
+
+REMOTE_FILE = "modeling_shearkit.py"
+
+
+def save(model, tokenizer, path: str | os.PathLike, plan: Plan | None = None, metrics: dict | None = None,
+         card: str | None = None, overwrite: bool = False) -> Path:
+    """Write `model` (and `tokenizer`) to directory `path`.
+
+    A peft-wrapped model is saved with its adapters merged (on a copy; the wrapper is left as is).
+
+    Args:
+        plan: the plan that produced the model (saved as plan.json; method and ratio go into the card).
+        metrics: measured results, e.g. `{"wikitext2": {"ppl": 31.2, ...}}`, saved and shown in the card.
+        card: README.md text to use instead of the generated card.
+        overwrite: replace an existing `path` (only once the new directory is complete).
+
+    Returns:
+        The directory written. Raises ShearkitError when `path` is the model's own source directory.
+    """
+    from ..surgery.sync import _base_class, sync_config
+
+    target = Path(path).expanduser()
+    m = unwrap(model)
+    if m is not model:  # peft: merge LoRA into a copy
+        m = copy.deepcopy(model).merge_and_unload()
+    src = getattr(m.config, "_name_or_path", "") or getattr(m.config, "name_or_path", "")
+    if src and Path(src).expanduser().exists() and Path(src).expanduser().resolve() == target.resolve():
+        raise ShearkitError(f"{target} is the directory the model was loaded from; shearkit never overwrites an "
+                            "input model. Choose another output path.")
+    export = sync_config(m)
+    base_name = _base_class(m).__name__
+    with atomic_dir(target, overwrite=overwrite) as tmp:
+        m.save_pretrained(tmp)
+        if list(tmp.glob("*.bin")):
+            raise ShearkitError("transformers wrote pickled .bin weights; shearkit saves safetensors only.")
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["architectures"] = [base_name]
+        cfg.pop("auto_map", None)
+        if export == "per-layer":
+            from .remote_code import source_for
+
+            cfg["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_FILE[:-3]}.ShearkitForCausalLM"}
+            write_text(tmp / REMOTE_FILE, source_for(base_name))
+        else:
+            cfg.pop(LAYER_SHAPES_KEY, None)
+            (tmp / REMOTE_FILE).unlink(missing_ok=True)
+        write_json(cfg_path, cfg)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if plan is not None:
+            plan.save(tmp / "plan.json")
+        if metrics:
+            write_json(tmp / "metrics.json", metrics)
+        prov = provenance(m, plan, export)
+        write_json(tmp / "shearkit.json", prov)
+        write_text(tmp / "README.md", card if card is not None else model_card(prov, plan, metrics))
+    return target
+
+
+def provenance(model, plan: Plan | None, export: str) -> dict[str, Any]:
+    """Where a saved model came from and how it loads."""
+    import torch
+    import transformers
+
+    from ..arch import get_adapter
+
+    counts = get_adapter(model).param_counts()
+    return {"shearkit_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "export": export, "loads_with": _loads_with(export), "fingerprint": fingerprint(model),
+            "params": counts, "base": plan.base if plan else None, "method": plan.method if plan else None,
+            "ratio_target": plan.ratio_target if plan else None,
+            "ratio_achieved": plan.ratio_achieved if plan else None,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "python": platform.python_version()}}
+
+
+def _loads_with(export: str) -> str:
+    if export == "vanilla":
+        return "AutoModelForCausalLM.from_pretrained(path) (shearkit not needed); shearkit.load(path)"
+    return "shearkit.load(path); AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)"
+
+
+def model_card(prov: dict[str, Any], plan: Plan | None, metrics: dict | None) -> str:
+    """A short README.md: base, method, ratio, measured perplexity, how to load."""
+    lines = ["# Pruned with shearkit", ""]
+    base = (plan.base if plan else None) or {}
+    lines.append(f"- Base model: `{base.get('name') or 'unknown'}` (weights fingerprint `{base.get('fingerprint', '?')}`)")
+    if plan is not None:
+        lines.append(f"- Method: `{plan.method}` ({plan.kind}); ratio target {plan.ratio_target:.4f}, "
+                     f"achieved {plan.ratio_achieved:.4f} of the decoder blocks' parameters")
+    p = prov["params"]
+    lines.append(f"- Parameters: {p['unique']:,} total, {p['blocks']:,} in decoder blocks")
+    lines.append(f"- Export: {prov['export']} widths; loads with {prov['loads_with']}")
+    if metrics:
+        lines += ["", "## Measured", "", "| task | metric | value |", "|---|---|---|"]
+        for task, rec in metrics.items():
+            if isinstance(rec, dict):
+                val = rec.get("ppl", rec.get("value"))
+                metric = "perplexity" if "ppl" in rec else rec.get("metric", "value")
+                extra = f" (seqlen {rec['seqlen']})" if "seqlen" in rec else ""
+                lines.append(f"| {task} | {metric}{extra} | {val:.4g} |" if isinstance(val, (int, float))
+                             else f"| {task} | {metric} | {val} |")
+            else:
+                lines.append(f"| {task} | value | {rec} |")
+    lines += ["", f"shearkit {prov['shearkit_version']}, {prov['created']}.", ""]
+    return "\n".join(lines)

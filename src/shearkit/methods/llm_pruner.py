@@ -1,0 +1,86 @@
+"""LLM-Pruner (Ma et al., 2023, arXiv 2305.11627): first-order Taylor importance of coupled groups.
+
+Gradients of the language-modelling loss on a few calibration windows score every group as
+|ΔL| ≈ Σ|w · ∂L/∂w| (element-wise) or |Σ w · ∂L/∂w| (vector-wise), the slices of a group combined
+by `aggregation`; the lowest-scored heads / KV groups and MLP channels are removed, the first and
+last layers kept dense (LLM-Pruner keeps 4 and 2 of LLaMA-7B's 32).
+
+Sample recipe:
+```yaml
+prune: {method: llm-pruner, ratio: 0.2, taylor: element, aggregation: sum, max_calib: 16}
+calib: {dataset: c4, samples: 16, seqlen: 512}
+```
+Lifecycle: `run` makes one forward/backward pass over the calibration windows (gradients of the
+block weights, accumulated), scores the groups, builds the plan; `shearkit.prune` then slices.
+
+Deviations from the paper: ratio here is the fraction of the decoder blocks' parameters removed
+(reached globally and reported exactly), not a per-layer unit fraction; GQA models prune whole KV
+groups (or equal query heads per KV head), never k/v alone; the second-order (Hessian-diagonal)
+variants are not implemented.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ShearkitError
+from ..graph.groups import layer_groups, unwrap
+from ..graph.planner import StructuredConfig, dense_layers, plan_structured
+from ..importance import TAYLOR_VARIANTS, collect_stats, taylor
+from . import PruneMethod, register_method
+
+
+@dataclass
+class LLMPrunerConfig(StructuredConfig):
+    """taylor: `element` or `vector`; aggregation: sum|mean|max|prod; max_calib: windows used for
+    the gradients (LLM-Pruner uses 10); batch_size: windows per backward pass. dense_first/last
+    default to LLM-Pruner's proportion of kept layers. allocation defaults to `global`, which
+    measured better than `uniform` on SmolLM2-135M (both export per-layer widths because of the
+    dense layers; `allocation: uniform, dense_first: 0, dense_last: 0` gives a vanilla export but
+    was far worse there)."""
+
+    allocation: str = "global"  # measured on SmolLM2-135M at 0.2: WikiText-2 ppl 56.7 vs 126.0 uniform
+    taylor: str = "element"
+    aggregation: str = "sum"
+    max_calib: int = 16
+    batch_size: int = 1
+    dense_first: int | None = None
+    dense_last: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.taylor not in TAYLOR_VARIANTS:
+            raise ShearkitError(f"prune.taylor must be one of {', '.join(TAYLOR_VARIANTS)}, got '{self.taylor}'.")
+        if self.max_calib < 1 or self.batch_size < 1:
+            raise ShearkitError("prune.max_calib and prune.batch_size must be >= 1.")
+
+
+@register_method
+class LLMPruner(PruneMethod):
+    """LLM-Pruner: structured pruning by first-order Taylor importance (calibration gradients)."""
+
+    name = "llm-pruner"
+    kind = "structured"
+    config_cls = LLMPrunerConfig
+    needs_calibration = True
+    needs_grad = True
+
+    def run(self, model, tokenizer, calib):
+        from ..arch import get_adapter
+
+        cfg = self.config
+        if calib is None:
+            raise ShearkitError("llm-pruner needs calibration tokens (gradients of the LM loss).")
+        stats = collect_stats(model, calib[: cfg.max_calib], grads=True, batch_size=cfg.batch_size)
+        m = unwrap(model)
+        L = get_adapter(m).num_layers
+        dense = set(dense_layers(L, cfg.dense_first, cfg.dense_last, llm_pruner_default=True))
+        scores = {}
+        for i in range(L):
+            if i in dense:
+                continue
+            for kind, gs in layer_groups(m, i, cfg.attn_unit).items():
+                scores[(kind, i)] = taylor(m, gs, stats, variant=cfg.taylor, aggregation=cfg.aggregation)
+        plan = plan_structured(m, scores, cfg, method=self.name, llm_pruner_dense=True)
+        plan.extra["calib_loss"] = stats.loss
+        plan.extra["calib_tokens"] = stats.n_tokens
+        return plan
