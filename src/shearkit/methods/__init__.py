@@ -26,6 +26,12 @@ class MethodInfo:
 
 # name -> (module, kind, description): read without importing the module
 _MODULES: dict[str, tuple[str, str, str]] = {
+    "structured-magnitude": ("shearkit.methods.structured_magnitude", "structured", "Structured pruning by group weight magnitude (heads / KV groups, MLP channels)."),
+    "llm-pruner": ("shearkit.methods.llm_pruner", "structured", "LLM-Pruner: structured pruning by first-order Taylor importance (calibration gradients)."),
+    "magnitude": ("shearkit.methods.magnitude", "unstructured", "Magnitude: per-layer |W| threshold, unstructured or N:M"),
+    "wanda": ("shearkit.methods.wanda", "unstructured", "Wanda: |W|*||X|| per output row, unstructured or N:M"),
+    "sparsegpt": ("shearkit.methods.sparsegpt", "unstructured", "SparseGPT: Hessian-based pruning with OBS weight updates"),
+    "besa": ("shearkit.methods.besa", "unstructured", "BESA: learned per-layer/row sparsity, blockwise reconstruction"),
 }
 
 METHODS: dict[str, MethodInfo] = {k: MethodInfo(k, kind, desc, mod) for k, (mod, kind, desc) in _MODULES.items()}

@@ -1,0 +1,267 @@
+"""Blockwise calibration: run calibration tokens through a model one decoder block at a time.
+
+Sequential pruning methods (SparseGPT, Wanda, BESA, FlexiGPT's block scoring) need, for each
+block, the activations that block sees *after the earlier blocks were pruned*. Running the
+whole model for every block would be wasteful and would need the whole model on the
+accelerator. Instead:
+
+1. `capture_inputs` runs the model's stem (embeddings, rotary tables, mask construction) on the
+   calibration tokens and stops at the first decoder block, recording its hidden-state input
+   and **every** positional and keyword argument of the call (attention mask, position ids,
+   RoPE `position_embeddings`, cache position, ...). Newer transformers need all of them; a
+   catcher that stores only the mask and position ids breaks RoPE models (BESA's released code).
+2. `walk_blocks` visits the blocks in order. For each one it moves the block to the compute
+   device, hands it and its cached inputs to a callback (which may prune it), then runs the
+   (now pruned) block over the inputs to produce the next block's inputs, and moves the block
+   back. Only one block and one set of activations live on the compute device, so a model far
+   larger than the accelerator's memory can be pruned with the rest kept on CPU.
+
+Nothing here knows which method is running: callbacks get the block view and its inputs.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..arch import get_adapter
+from ..arch.base import BlockView
+from ..errors import ShearkitError
+
+log = logging.getLogger(__name__)
+
+
+class _Caught(Exception):
+    """Raised by the capture hook to stop the forward pass at the first block."""
+
+
+@dataclass
+class BlockInputs:
+    """The calibration inputs of one block: hidden states per batch plus the call's other args.
+
+    `hidden[b]` is a (batch, seqlen, hidden) tensor on `store` (the compute `device`, or the
+    CPU when activations are offloaded); `args[b]` and `kwargs[b]` are the remaining positional
+    and keyword arguments of that batch's call, as the model passed them to its first block
+    (identical across blocks, since the stem computes them once), kept on `device`.
+    """
+
+    hidden: list[torch.Tensor]
+    args: list[tuple]
+    kwargs: list[dict[str, Any]]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    store: torch.device | None = None  # where `hidden` lives; None = `device`
+
+    def hidden_at(self, b: int) -> torch.Tensor:
+        """Batch b's hidden states on the compute device."""
+        return self.hidden[b].to(self.device, non_blocking=True)
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+    def call(self, block: nn.Module, b: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Run `block` on batch `b` (or on `hidden` with batch b's other arguments)."""
+        x = self.hidden_at(b) if hidden is None else hidden
+        return block_output(block(x, *self.args[b], **self.kwargs[b]))
+
+    @torch.no_grad()
+    def forward(self, block: nn.Module) -> list[torch.Tensor]:
+        """Outputs of `block` for every batch (no gradients), stored like `hidden`."""
+        store = self.store or self.device
+        return [self.call(block, b).to(store) for b in range(len(self))]
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, tuple, dict]]:
+        for b in range(len(self)):
+            yield self.hidden_at(b), self.args[b], self.kwargs[b]
+
+
+def block_output(out: Any) -> torch.Tensor:
+    """The hidden states a decoder layer returns (transformers 5 returns a tensor, older
+    versions a tuple whose first item is the hidden states)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ShearkitError(f"A decoder block returned {type(out).__name__}; expected a tensor or a tuple "
+                        "starting with the hidden states.")
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    """Move tensors inside nested tuples/lists/dicts to `device` (other objects unchanged)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Structural equality with exact tensor comparison (to share identical kwargs)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b)))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b or (type(a) in (int, float, bool, str, type(None)) and a == b)
+
+
+def _stem_tensors(model: nn.Module, layers: nn.Module) -> list[tuple[nn.Module, str, bool]]:
+    """(module, name, is_param) for every parameter/buffer outside the decoder blocks."""
+    inside = {id(m) for m in layers.modules()}
+    out = []
+    for m in model.modules():
+        if id(m) in inside:
+            continue
+        out += [(m, n, True) for n, p in m._parameters.items() if p is not None]
+        out += [(m, n, False) for n, b in m._buffers.items() if b is not None]
+    return out
+
+
+def _move_tensor(m: nn.Module, name: str, is_param: bool, device: torch.device) -> torch.device:
+    t = m._parameters[name] if is_param else m._buffers[name]
+    old = t.device
+    if old != device:
+        if is_param:
+            t.data = t.data.to(device)  # keeps the Parameter object, so tied weights stay tied
+        else:
+            m._buffers[name] = t.to(device)
+    return old
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter."""
+    return next(model.parameters()).device
+
+
+def resolve_compute_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """`None` means where the model already is; 'auto' means CUDA when present."""
+    if device is None:
+        return model_device(model)
+    from ..device import resolve_device
+
+    return torch.device(resolve_device(str(device)))
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 1,
+                   device: str | torch.device | None = None, offload_activations: bool = False) -> BlockInputs:
+    """Record the first decoder block's inputs for each batch of calibration `tokens`.
+
+    Only the stem (everything outside the decoder blocks) is moved to `device` for this;
+    the blocks stay where they are. Returns the inputs on `device`.
+
+    Args:
+        tokens: LongTensor (n, seqlen) of calibration windows.
+        batch_size: windows per forward call.
+        device: compute device; None = the model's device.
+        offload_activations: keep the calibration activations on the CPU and move one batch
+            at a time to `device` (device memory: one block plus one batch).
+    """
+    if tokens.dim() != 2:
+        raise ShearkitError(f"Calibration tokens must be a (samples, seqlen) tensor, got shape {tuple(tokens.shape)}.")
+    if batch_size < 1:
+        raise ShearkitError(f"batch_size must be >= 1, got {batch_size}.")
+    dev = resolve_compute_device(model, device)
+    store = torch.device("cpu") if offload_activations else dev
+    ad = get_adapter(model)
+    first = ad.layers[0]
+    stem = _stem_tensors(model, ad.layers)
+    old = [_move_tensor(m, n, p, dev) for m, n, p in stem]
+    caught: dict[str, Any] = {}
+
+    def hook(_mod, args, kwargs):
+        caught["args"], caught["kwargs"] = args, kwargs
+        raise _Caught
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    hidden, args_l, kwargs_l = [], [], []
+    try:
+        for s in range(0, tokens.shape[0], batch_size):
+            ids = tokens[s:s + batch_size].to(dev)
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _Caught:
+                pass
+            else:  # pragma: no cover - the hook always fires for a decoder-only model
+                raise ShearkitError("The first decoder block was never called during calibration.")
+            args = caught["args"]
+            kwargs = {k: v for k, v in caught["kwargs"].items()}
+            if args:
+                x, rest = args[0], tuple(args[1:])
+            else:
+                x, rest = kwargs.pop("hidden_states"), ()
+            # share identical per-batch arguments (masks, RoPE tables) instead of storing copies
+            if args_l and _same(rest, args_l[0]) and _same(kwargs, kwargs_l[0]):
+                rest, kwargs = args_l[0], kwargs_l[0]
+            hidden.append(x.detach().to(store))
+            args_l.append(rest)
+            kwargs_l.append(kwargs)
+    finally:
+        handle.remove()
+        for (m, n, p), d in zip(stem, old):
+            _move_tensor(m, n, p, d)
+    return BlockInputs(hidden, args_l, kwargs_l, dev, store)
+
+
+BlockFn = Callable[[BlockView, BlockInputs], Any]
+
+
+def walk_blocks(model: nn.Module, inputs: BlockInputs, fn: BlockFn | None = None, *, start: int = 0,
+                stop: int | None = None, propagate: bool = True,
+                after: Callable[[BlockView, BlockInputs], Any] | None = None,
+                desc: str | None = None) -> BlockInputs:
+    """Visit decoder blocks `start..stop-1` in order, feeding each its predecessor's output.
+
+    For block i: move it to `inputs.device`, call `fn(view, inputs)` (which may change the
+    block's weights), then (with `propagate`) replace `inputs.hidden` by the block's outputs
+    on those inputs, call `after(view, outputs)` (e.g. to checkpoint) and move the block back
+    to where it was. `inputs` is updated in place and returned (the last block's outputs).
+    Blocks before `start` must already have been visited (the caller passes their output).
+    `desc` shows a progress bar with that label.
+    """
+    from tqdm.auto import tqdm
+
+    ad = get_adapter(model)
+    stop = ad.num_layers if stop is None else stop
+    for i in tqdm(range(start, stop), desc=desc, disable=desc is None, leave=False, unit="block"):
+        view = ad.block_view(i)
+        home = _module_device(view.module)
+        view.module.to(inputs.device)
+        try:
+            if fn is not None:
+                fn(view, inputs)
+            if propagate:
+                inputs.hidden = inputs.forward(view.module)
+            if after is not None:
+                after(view, inputs)
+        finally:
+            view.module.to(home)
+        log.debug("block %d done", i)
+    return inputs
+
+
+def _module_device(m: nn.Module) -> torch.device:
+    for p in m.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def final_hidden(model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 1,
+                 device: str | torch.device | None = None) -> list[torch.Tensor]:
+    """Last decoder block's outputs computed blockwise (used to test the runner against a
+    whole-model forward, and by block-scoring methods)."""
+    inputs = capture_inputs(model, tokens, batch_size=batch_size, device=device)
+    return walk_blocks(model, inputs).hidden
