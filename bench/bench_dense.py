@@ -19,15 +19,17 @@ import shearkit
 
 
 def measure_ppl(model, tok, quick_limit: int) -> list[dict]:
+    """Quick variants first, then the full test splits from the shortest run to the longest, each row
+    printed as soon as it is measured (so an interrupted run still leaves its finished rows)."""
     rows = []
-    for seqlen in (512, 2048):
-        for task in ("wikitext2", "ptb"):
-            for limit in (quick_limit, None):
-                t = time.perf_counter()
-                r = shearkit.evaluate(model, tok, [task], seqlen=seqlen, limit=limit)[task]
-                rows.append({"task": task, "seqlen": seqlen, "limit": limit, "windows": r["windows"],
-                             "ppl": r["ppl"], "eval_s": time.perf_counter() - t})
-                print(json.dumps(rows[-1]), flush=True)
+    order = [(s, t, quick_limit) for s in (512, 2048) for t in ("wikitext2", "ptb")]
+    order += [(512, "ptb", None), (2048, "ptb", None), (512, "wikitext2", None), (2048, "wikitext2", None)]
+    for seqlen, task, limit in order:
+        t = time.perf_counter()
+        r = shearkit.evaluate(model, tok, [task], seqlen=seqlen, limit=limit)[task]
+        rows.append({"task": task, "seqlen": seqlen, "limit": limit, "windows": r["windows"],
+                     "ppl": r["ppl"], "eval_s": time.perf_counter() - t})
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -47,11 +49,12 @@ def main() -> None:
     result = {"model": a.model, "load_s": time.perf_counter() - t, "machine": platform.platform(),
               "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
               "params": shearkit.get_adapter(model).param_counts()}
-    if a.part in ("ppl", "all"):
-        result["ppl"] = measure_ppl(model, tok, a.quick_limit)
     if a.part in ("speed", "all"):
         result["speed"] = shearkit.bench(model, labels=[a.model], batch=a.batch, length=a.length,
                                          repeats=a.repeats, decode_tokens=32)[a.model]
+        print(json.dumps({"speed": result["speed"]}, default=str), flush=True)
+    if a.part in ("ppl", "all"):
+        result["ppl"] = measure_ppl(model, tok, a.quick_limit)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2, default=str))
     print(f"| load | {result['load_s']:.1f} s |")
