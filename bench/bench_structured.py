@@ -50,13 +50,15 @@ def main() -> None:
         fd, fp = (forward_flops_per_token(x, a.length)["total"] for x in (dense, pruned))
         row = {"method": a.method, "ratio": ratio, "ratio_achieved": m["prune"]["ratio_achieved"],
                "prune_s": m["prune"]["wall_s"], "prune_peak_mib": m["prune"]["peak_memory_bytes"] / 2**20,
-               "recover_tokens": m.get("recover", {}).get("tokens_seen"), "recover_s": m.get("recover", {}).get("wall_s"),
+               "recover_tokens": m.get("recover", {}).get("budget", {}).get("tokens"), "recover_s": m.get("recover", {}).get("wall_s"),
                **{f"{stage}_{t}": m[stage]["tasks"][t]["value"] for stage in ("dense", "pruned") for t in ("wikitext2", "ptb")},
                **{f"recovered_{t}": m["tasks"][t]["value"] for t in ("wikitext2", "ptb")},
                "params_dense": speed["dense"]["params"], "params_pruned": speed["pruned"]["params"],
                "prefill_speedup": speed["ratios"]["prefill_speedup"], "decode_speedup": speed["ratios"]["decode_speedup"],
                "ideal_speedup": fd / fp, "prefill_tok_s_dense": speed["dense"]["prefill_tokens_per_s"],
                "prefill_tok_s_pruned": speed["pruned"]["prefill_tokens_per_s"],
+               "weight_mib_dense": speed["dense"]["weight_bytes"] / 2**20,
+               "weight_mib_pruned": speed["pruned"]["weight_bytes"] / 2**20,
                "peak_mib_dense": speed["dense"]["peak_memory_bytes"] / 2**20,
                "peak_mib_pruned": speed["pruned"]["peak_memory_bytes"] / 2**20,
                "setting": speed["dense"]["setting"], "date": time.strftime("%Y-%m-%d")}

@@ -85,7 +85,7 @@ def run_cell(method: str, ratio: float, nm: str | None, recover: int, budget_s: 
         row.update(ratio_achieved=m["prune"]["ratio_achieved"], prune_s=m["prune"]["wall_s"],
                    peak_memory_mib=m["prune"]["peak_memory_bytes"] / 2**20)
     if "recover" in m:
-        row["recover_tokens"] = m["recover"].get("tokens_seen")
+        row["recover_tokens"] = m["recover"].get("budget", {}).get("tokens")
     if "params" in m:
         row["params"] = m["params"]
     return row

@@ -13,6 +13,8 @@ def test_bench_pair_reports_ratios(tmp_path):
         assert r["prefill_tokens_per_s"]["n"] == 2 and r["prefill_tokens_per_s"]["median"] > 0
         assert r["decode_tokens_per_s"]["median"] > 0
         assert r["peak_memory_bytes"] > 0
+        model = a if k == "a" else b
+        assert r["weight_bytes"] >= sum(p.numel() * 4 for p in model.parameters())
         assert r["params"]["unique"] == sum(p.numel() for p in (a if k == "a" else b).parameters())
     q = res["ratios"]
     assert q["params_ratio"] == res["b"]["params"]["unique"] / res["a"]["params"]["unique"]

@@ -102,6 +102,16 @@ def dir_size(path: str | os.PathLike | None) -> int | None:
     return sum(f.stat().st_size for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf"))
 
 
+def _weight_bytes(model) -> int:
+    """Bytes of the model's unique parameters and buffers (what it holds in memory at rest)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
 def _stats(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
@@ -140,7 +150,8 @@ def benchmark(models: dict[str, Any], *, batch: int = 1, length: int = 512, deco
             "disk_bytes": dir_size(paths.get(k)),
             "prefill_tokens_per_s": _stats(prefill[k]),
             "decode_tokens_per_s": _stats(decode[k]),
-            "peak_memory_bytes": peaks[k],
+            "weight_bytes": _weight_bytes(m),
+            "peak_memory_bytes": peaks[k],  # on CPU: the process's RSS peak, shared by models measured together
             "peak_memory_kind": "cuda_max_allocated" if next(m.parameters()).is_cuda else "process_rss",
             "setting": {"batch": batch, "length": length, "decode_batch": decode_batch,
                         "decode_prompt": decode_prompt, "decode_tokens": decode_tokens,
