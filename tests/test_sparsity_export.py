@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +118,60 @@ def test_semi_structured_refuses_cpu_weights():
     shearkit.prune(m, None, "magnitude", nm="2:4")
     with pytest.raises(ShearkitError, match="CUDA"):
         to_semi_structured(m)
+
+
+def _legacy_ct() -> str:
+    """Folder holding compressed-tensors 0.13 (the last release with the sparse compressors)."""
+    import os
+
+    path = os.environ.get("SHEARKIT_CT_LEGACY", "")
+    if not path or not (Path(path) / "compressed_tensors" / "compressors" / "sparse_compressors").is_dir():
+        pytest.skip("needs compressed-tensors 0.13 in a side folder: `pip install --no-deps --target DIR "
+                    "compressed-tensors==0.13.0` and SHEARKIT_CT_LEGACY=DIR (.ci/run does this)")
+    return path
+
+
+def _worker(legacy: str, *args) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([legacy, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("ct_legacy_worker.py")), *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("family,nm", [("llama", None), ("llama", "2:4"), ("qwen2", "2:4"), ("opt", None)])
+def test_compressed_tensors_own_decompressor_reads_our_files(tmp_path, family, nm):
+    from safetensors import safe_open
+
+    legacy = _legacy_ct()
+    m = make_tiny(family)
+    shearkit.prune(m, None, "magnitude", 0.5, nm=nm)
+    save_compressed(m, None, tmp_path / "ct")
+    _worker(legacy, "decompress", tmp_path / "ct", tmp_path / "dense.safetensors")
+    with safe_open(str(tmp_path / "dense.safetensors"), "pt") as f:
+        assert f.metadata()["ct_version"] == "0.13.0"
+        assert f.metadata()["format"] == ("sparse-24-bitmask" if nm else "sparse-bitmask")
+        theirs = {k: f.get_tensor(k) for k in f.keys()}
+    ours = m.state_dict()
+    weights = [f"{t}.weight" for t in sparse_targets(m)]
+    for k in weights:  # every pruned weight decompressed by their code equals ours, zeros included
+        assert torch.equal(theirs[k], ours[k]), k
+    for k, v in theirs.items():
+        assert torch.equal(v, ours[k]), k
+
+
+def test_our_loader_reads_compressed_tensors_own_output(tmp_path):
+    legacy = _legacy_ct()
+    m = make_tiny("llama")
+    shearkit.prune(m, None, "wanda", 0.5, calib=torch.randint(0, 320, (2, 16)))
+    save_dense(m, None, tmp_path / "dense")
+    targets = sparse_targets(m)
+    _worker(legacy, "compress", tmp_path / "dense", tmp_path / "ct", "sparse-bitmask", json.dumps(targets))
+    back, _ = load_compressed(tmp_path / "ct")
+    for (k, a), (_, b) in zip(m.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), k
+    ids = torch.randint(0, 320, (1, 10))
+    torch.testing.assert_close(_logits(back, ids), _logits(m, ids))

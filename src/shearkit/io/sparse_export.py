@@ -1,8 +1,8 @@
 """Saving sparse models: dense safetensors with zeros, or the compressed-tensors sparse layout.
 
 - `save_dense`: an ordinary `save_pretrained` folder. Loads anywhere; the zeros take full space.
-- `save_compressed`: the compressed-tensors "sparse-bitmask" layout (per weight: non-zero values,
-  a bit-packed mask, row offsets and the shape) or, when every sparsified weight is 2:4 along its
+- `save_compressed`: the compressed-tensors "sparse-bitmask" layout (per linear module `<m>`:
+  `<m>.compressed` non-zero values, `<m>.bitmask` bit-packed mask, `<m>.row_offsets`, `<m>.shape`) or, when every sparsified weight is 2:4 along its
   input axis, "sparse-24-bitmask" (values (rows, cols/2) plus the packed mask), with the
   `quantization_config.sparsity_config` block in config.json that marks the model for vLLM.
   Bits are packed with compressed-tensors' own `pack_bitmasks` and read back with its
@@ -11,8 +11,9 @@
 
 Note on versions: compressed-tensors 0.15+ (0.20 is installed) keeps these config classes and
 bit helpers but dropped the sparse compressors themselves (and transformers' loader no longer
-decompresses them), so `load_compressed` here performs the decompression; the layout is the one
-compressed-tensors <= 0.14 writes and vLLM versions of that era load.
+decompresses them), so `load_compressed` here performs the decompression. The layout is the one
+compressed-tensors <= 0.14 writes and vLLM versions of that era load; tests check it both ways
+against compressed-tensors 0.13's own compressor and decompressor, run from a side folder.
 
 - `to_semi_structured`: on CUDA, turn 2:4 linear weights into PyTorch semi-structured sparse
   tensors (`torch.sparse.to_sparse_semi_structured`) for the sparse tensor-core kernels.
@@ -127,11 +128,12 @@ def save_compressed(model, tokenizer, out: str | os.PathLike, fmt: str = "auto",
                 meta = f.metadata()
                 for key in f.keys():
                     t = f.get_tensor(key)
-                    if key in weights:
+                    if key in weights:  # stored under the module's name: `<module>.compressed`, ...
+                        module = key[: -len(".weight")]
                         for p, v in compress_weight(t, fmt).items():
-                            tensors[f"{key}.{p}" if p != "shape" else f"{key}.shape"] = v
+                            tensors[f"{module}.{p}"] = v
                             if index is not None:
-                                index["weight_map"][f"{key}.{p}"] = shard.name
+                                index["weight_map"][f"{module}.{p}"] = shard.name
                         if index is not None:
                             index["weight_map"].pop(key, None)
                     else:
@@ -160,9 +162,9 @@ def decompress_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     dense: dict[str, torch.Tensor] = {}
     for k, v in raw.items():
-        base, _, last = k.rpartition(".")
-        if last in _PARAMS and base.endswith(".weight"):
-            grouped.setdefault(base, {})[last] = v
+        module, _, last = k.rpartition(".")
+        if last in _PARAMS:
+            grouped.setdefault(f"{module}.weight", {})[last] = v
         else:
             dense[k] = v
     for name, parts in grouped.items():
