@@ -49,6 +49,18 @@ def load_results() -> dict[str, dict]:
     return {r["key"]: r for r in rows}
 
 
+def save_row(row: dict) -> dict[str, dict]:
+    """Merge one finished cell into the results file (re-read first, so that two grid processes
+    running different cells do not drop each other's rows) and return all rows."""
+    results = load_results()
+    results[row["key"]] = row
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps(v) + "\n" for v in results.values()))
+    os.replace(tmp, RESULTS)
+    return results
+
+
 def run_cell(method: str, ratio: float, nm: str | None, recover: int, budget_s: int, workdir: Path) -> dict:
     """Run one cell in a subprocess and return its result row (status ok | failed | timeout)."""
     key = cell_key(method, ratio, nm, recover)
@@ -167,9 +179,7 @@ def main() -> None:
                 continue
             print(f"[{i + 1}/{len(cells)}] {key} ...", flush=True)
             row = run_cell(m, r, nm, rec, a.budget, Path(a.workdir))
-            results[key] = row
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text("".join(json.dumps(v) + "\n" for v in results.values()))
+            results = save_row(row)
             print(f"    {row['status']}: " + ", ".join(f"{k}={row[k]:.3f}" for k in ("wikitext2", "ptb") if k in row), flush=True)
             render(results)
     render(results)
