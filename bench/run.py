@@ -90,6 +90,11 @@ def run_cell(method: str, ratio: float, nm: str | None, recover: int, budget_s: 
     row["wall_s"] = time.perf_counter() - t0
     if proc.returncode != 0:
         return {**row, "status": "failed", "error": proc.stderr.strip()[-600:]}
+    return read_cell(out, row)
+
+
+def read_cell(out: Path, row: dict) -> dict:
+    """Complete a result row from a finished cell's run directory (its metrics.json)."""
     m = json.loads((out / "metrics.json").read_text())
     tasks = m["tasks"]
     row.update(status="ok", wikitext2=tasks["wikitext2"]["value"], ptb=tasks["ptb"]["value"])
