@@ -2,9 +2,10 @@
 
 - `save_dense`: an ordinary `save_pretrained` folder. Loads anywhere; the zeros take full space.
 - `save_compressed`: the compressed-tensors "sparse-bitmask" layout (per linear module `<m>`:
-  `<m>.compressed` non-zero values, `<m>.bitmask` bit-packed mask, `<m>.row_offsets`, `<m>.shape`) or, when every sparsified weight is 2:4 along its
-  input axis, "sparse-24-bitmask" (values (rows, cols/2) plus the packed mask), with the
-  `quantization_config.sparsity_config` block in config.json that marks the model for vLLM.
+  `<m>.compressed` non-zero values, `<m>.bitmask` bit-packed mask, `<m>.row_offsets`,
+  `<m>.shape`) or, when every sparsified weight is 2:4 along its input axis, "sparse-24-bitmask"
+  (values (rows, cols/2) plus the packed mask), with the `quantization_config.sparsity_config`
+  block in config.json that marks the model for vLLM.
   Bits are packed with compressed-tensors' own `pack_bitmasks` and read back with its
   `unpack_bitmasks`, and the config block is built from its `BitmaskConfig` /
   `Sparse24BitMaskConfig` classes.
