@@ -22,6 +22,12 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _short(label: str, n: int = 24) -> str:
+    """A tick label that fits: a file path becomes its file name, anything longer is cut with '…'."""
+    name = label.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or label
+    return name if len(name) <= n else name[: n - 1] + "…"
+
+
 def _integer_x(ax) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -178,7 +184,7 @@ def metrics(cmp: Comparison) -> bytes | None:
             xs = [i + (j - (k - 1) / 2) * w for i in range(len(panel))]
             ax.bar([x for x, y in zip(xs, ys) if y is not None], [y for y in ys if y is not None], w, label=col,
                    color=f"C{j}")
-        ax.set_xticks(range(len(panel)), [t for t, _ in panel], rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(range(len(panel)), [_short(t) for t, _ in panel], rotation=30, ha="right", fontsize=8)
         lower = is_lower_better(panel[0][1])
         ax.set_ylabel("perplexity (lower is better)" if lower else "accuracy (main metric)")
         if not lower:
