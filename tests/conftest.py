@@ -100,6 +100,15 @@ def tiny_tokenizer(tmp_path_factory):
     return tok
 
 
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_tokenizer) -> Path:
+    """A tiny random llama model and its tokenizer saved as an ordinary model directory."""
+    d = tmp_path / "base"
+    make_tiny("llama").save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The real data directory ($SHEARKIT_DATA); tests that need it are skipped without it."""

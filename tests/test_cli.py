@@ -48,12 +48,8 @@ def test_unknown_model_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "not a built-in name" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_existing_run_dir_not_overwritten(tmp_path, tiny_tokenizer):
-    from conftest import make_tiny
-
-    m = tmp_path / "m"
-    make_tiny("llama").save_pretrained(m)
-    tiny_tokenizer.save_pretrained(m)
+def test_existing_run_dir_not_overwritten(tmp_path, tiny_model_dir):
+    m = tiny_model_dir
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog\n" * 100)
     out = tmp_path / "run"

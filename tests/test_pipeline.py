@@ -15,10 +15,8 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def workspace(tmp_path, tiny_tokenizer):
-    m = tmp_path / "base"
-    make_tiny("llama").save_pretrained(m)
-    tiny_tokenizer.save_pretrained(m)
+def workspace(tmp_path, tiny_model_dir):
+    m = tiny_model_dir
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. pruning makes language models smaller.\n" * 300)
     instr = tmp_path / "instr.json"

@@ -57,6 +57,14 @@ def pick_model(model: Optional[str], model_opt: Optional[str], required: bool = 
     return m
 
 
+def model_section(m: Optional[str], device: str, dtype: str, cache_dir: Optional[str],
+                  trust_remote_code: bool) -> dict:
+    """The recipe's `model` section from the shared options; "auto" and unset flags stay None so the
+    recipe's own values (or the defaults) apply."""
+    return {"name": m, "device": device if device != "auto" else None, "dtype": dtype if dtype != "auto" else None,
+            "cache_dir": cache_dir, "trust_remote_code": trust_remote_code or None}
+
+
 def print_table(title: str, columns: list[str], rows: list[list]) -> None:
     from rich.console import Console
     from rich.table import Table

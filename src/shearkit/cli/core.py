@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from .app import (CACHE_OPT, DATA_OPT, DEVICE_OPT, DTYPE_OPT, MODEL_ARG, MODEL_OPT, OUT_OPT, OVERWRITE_OPT,
-                  RECIPE_OPT, SET_OPT, TRUST_OPT, app, pick_model, print_table)
+                  RECIPE_OPT, SET_OPT, TRUST_OPT, app, model_section, pick_model, print_table)
 
 
 def metric_rows(results: dict[str, dict]) -> list[list]:
@@ -46,8 +46,7 @@ def eval_cmd(
 
     m = pick_model(model, model_opt, required=recipe is None)
     r = load_recipe(recipe, set_, extra={
-        "model": {"name": m, "device": device if device != "auto" else None, "dtype": dtype if dtype != "auto" else None,
-                  "cache_dir": cache_dir, "trust_remote_code": trust_remote_code or None},
+        "model": model_section(m, device, dtype, cache_dir, trust_remote_code),
         "eval": {"tasks": tasks, "seqlen": seqlen, "limit": limit, "batch_size": batch_size, "split": split,
                  "data_dir": data_dir}})
     results = run_eval(r, out, overwrite)

@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from .app import (CACHE_OPT, DATA_OPT, DEVICE_OPT, DTYPE_OPT, MODEL_ARG, MODEL_OPT, OUT_OPT, OVERWRITE_OPT,
-                  RECIPE_OPT, SET_OPT, TRUST_OPT, app, pick_model, print_table)
+                  RECIPE_OPT, SET_OPT, TRUST_OPT, app, model_section, pick_model, print_table)
 from .core import metric_rows
 
 plan_app = typer.Typer(help="Inspect pruning plans.", no_args_is_help=True)
@@ -58,7 +58,7 @@ def prune_cmd(
         raise ShearkitError("No method given: pass --method (see `shearkit list` for the methods).")
     prune_sec = {"method": method, "ratio": r_val, "nm": nm, "seed": seed}
     extra = {
-        "model": _model_section(m, device, dtype, cache_dir, trust_remote_code),
+        "model": model_section(m, device, dtype, cache_dir, trust_remote_code),
         "calib": {"dataset": calib, "samples": calib_samples, "seqlen": calib_seqlen, "seed": seed,
                   "data_dir": data_dir},
         "prune": prune_sec,
@@ -97,7 +97,7 @@ def run_cmd(
         recipe_path = "quick"  # defaults for everything but the method and ratio
     if ratio is not None and not 0.0 < ratio < 1.0:
         raise ShearkitError(f"--ratio must be strictly between 0 and 1 (got {ratio}).")
-    extra = {"model": _model_section(model, device, dtype, None, False),
+    extra = {"model": model_section(model, device, dtype, None, False),
              "prune": {"method": method, "ratio": ratio} if method or ratio is not None else None,
              "calib": {"data_dir": data_dir} if data_dir else None,
              "eval": {"data_dir": data_dir} if data_dir else None}
@@ -110,11 +110,6 @@ def run_cmd(
             return
         paths = write_report(result["run_dir"])
         typer.echo(f"report: {paths}", err=True)
-
-
-def _model_section(m, device, dtype, cache_dir, trust_remote_code) -> dict:
-    return {"name": m, "device": device if device != "auto" else None, "dtype": dtype if dtype != "auto" else None,
-            "cache_dir": cache_dir, "trust_remote_code": trust_remote_code or None}
 
 
 def _run(recipe, out, overwrite, dry_run, command, as_json) -> dict:

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from .app import (CACHE_OPT, DATA_OPT, DEVICE_OPT, DTYPE_OPT, MODEL_ARG, MODEL_OPT, OUT_OPT, OVERWRITE_OPT,
-                  RECIPE_OPT, SET_OPT, TRUST_OPT, app, pick_model)
+                  RECIPE_OPT, SET_OPT, TRUST_OPT, app, model_section, pick_model)
 
 
 @app.command("recover")
@@ -50,8 +50,7 @@ def recover_cmd(
     if resume and overwrite:
         raise ShearkitError("--resume and --overwrite contradict each other; give one.")
     r = load_recipe(recipe, set_, extra={
-        "model": {"name": m, "device": device if device != "auto" else None, "dtype": dtype if dtype != "auto" else None,
-                  "cache_dir": cache_dir, "trust_remote_code": trust_remote_code or None},
+        "model": model_section(m, device, dtype, cache_dir, trust_remote_code),
         "recover": {"data": data, "steps": steps, "lr": lr, "rank": rank, "alpha": alpha, "batch_size": batch_size,
                     "grad_accum": grad_accum, "seqlen": seqlen, "schedule": schedule, "eval_every": eval_every,
                     "save_every": save_every, "distill_weight": distill, "save_adapter": save_adapter or None,
