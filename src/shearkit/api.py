@@ -52,14 +52,22 @@ def evaluate(model, tokenizer, tasks: Iterable[str] | str = ("wikitext2",), *, s
 
 def bench(model, *others, labels: list[str] | None = None, paths: list[str | None] | None = None,
           **kwargs: Any) -> dict[str, dict]:
-    """Speed and size of one model, or of several measured together (interleaved) with ratios."""
+    """Speed, size and peak memory of one model, or of several measured in turn (each in its own child
+    process); with two, `ratios` reads as the first over the second (the baseline).
+
+    Models are objects or names/directories (loaded in their child with `device`, `dtype`, `cache_dir`).
+    """
     from .eval.speed import benchmark
+    from .models.builtin import BUILTINS, builtin_path
 
     models = [model, *others]
-    labels = labels or [f"model{i}" for i in range(len(models))]
+    labels = labels or [m if isinstance(m, str) else f"model{i}" for i, m in enumerate(models)]
     if len(set(labels)) != len(labels):
         labels = [f"{l}#{i}" for i, l in enumerate(labels)]
-    return benchmark(dict(zip(labels, models)), paths=dict(zip(labels, paths or [None] * len(models))), **kwargs)
+    if paths is None:
+        paths = [str(builtin_path(m, kwargs.get("cache_dir"))) if isinstance(m, str) and m in BUILTINS
+                 else str(m) if isinstance(m, (str, os.PathLike)) else None for m in models]
+    return benchmark(dict(zip(labels, models)), paths=dict(zip(labels, paths)), **kwargs)
 
 
 def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, chat: bool | None = None) -> str:

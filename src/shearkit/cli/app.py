@@ -74,7 +74,10 @@ def print_table(title: str, columns: list[str], rows: list[list]) -> None:
         t.add_column(c, justify="right" if c in ("value", "ratio") else "left")
     for r in rows:
         t.add_row(*[fmt(x) for x in r])
-    Console().print(t)
+    console = Console()
+    if not console.is_terminal:  # piped or redirected: the table's natural width, never cut at 80 columns
+        console = Console(width=max(console.measure(t, options=console.options.update_width(10**6)).maximum, 80))
+    console.print(t)
 
 
 def fmt(x) -> str:

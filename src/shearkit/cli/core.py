@@ -84,7 +84,7 @@ def run_eval(r, out: Optional[str], overwrite: bool) -> dict:
 def bench_cmd(
     model: Optional[str] = MODEL_ARG,
     model_opt: Optional[str] = MODEL_OPT,
-    vs: Optional[str] = typer.Option(None, "--vs", help="A second model measured in the same run, interleaved."),
+    vs: Optional[str] = typer.Option(None, "--vs", help="A baseline model measured in the same run, in turn with the first; ratios read first model / baseline."),
     batch: int = typer.Option(1, "--batch", help="Prefill batch size."),
     length: int = typer.Option(512, "--length", help="Prefill sequence length."),
     decode_tokens: int = typer.Option(32, "--decode-tokens", help="Greedy decode steps timed (KV cache)."),
@@ -100,7 +100,7 @@ def bench_cmd(
     """
     from .. import api
     from ..errors import ShearkitError
-    from ..models.builtin import BUILTINS, builtin_path
+    from ..eval.speed import ratio_lines
     from ..runs import RunDir
 
     m = pick_model(model, model_opt)
@@ -109,12 +109,10 @@ def bench_cmd(
             raise ShearkitError(f"{name} must be at least 1, got {v}.")
     names = [m] + ([vs] if vs else [])
     run = RunDir(out, "bench", overwrite)
-    try:
-        loaded = [api.load(n, device=device, dtype=dtype, cache_dir=cache_dir)[0] for n in names]
-        paths = [str(builtin_path(n, cache_dir)) if n in BUILTINS else n for n in names]
-        run.write_env(str(next(loaded[0].parameters()).device))
-        res = api.bench(*loaded, labels=names, paths=paths, batch=batch, length=length,
-                        decode_tokens=decode_tokens, repeats=repeats, warmup=warmup)
+    try:  # each model is loaded and measured in a child process of its own (its peak memory is its own)
+        res = api.bench(*names, labels=names, batch=batch, length=length, decode_tokens=decode_tokens,
+                        repeats=repeats, warmup=warmup, device=device, dtype=dtype, cache_dir=cache_dir)
+        run.write_env(res[next(iter(res))]["setting"]["device"])
         run.write_metrics(res)
     finally:
         run.close()
@@ -122,18 +120,21 @@ def bench_cmd(
         typer.echo(json.dumps(res, indent=2, default=str))
         return
     rows = []
-    for label in names:
-        r = res[label] if label in res else res[f"{label}#0"]
+    labels = [k for k in res if k != "ratios"]
+    for label in labels:
+        r = res[label]
         rows.append([label, r["params"]["unique"], r["params"]["non_embedding"],
                      r["disk_bytes"] / 2**20 if r["disk_bytes"] else "-",
                      r["prefill_tokens_per_s"]["median"], r["decode_tokens_per_s"]["median"],
                      r["peak_memory_bytes"] / 2**20])
     print_table(f"shearkit bench (prefill {batch}x{length}, decode {decode_tokens} tokens, median of {repeats})",
                 ["model", "params", "non-emb params", "disk MiB", "prefill tok/s", "decode tok/s", "peak MiB"], rows)
+    cuda = res[labels[0]]["peak_memory_kind"] == "cuda_max_allocated"
+    typer.echo("peak MiB: each model in a child process of its own, "
+               + ("CUDA max allocated" if cuda else "peak RSS above the process's size before the model was loaded")
+               + " during one prefill and decode run.")
     if "ratios" in res:
-        q = res["ratios"]
-        typer.echo(f"ratios ({q['label']}): prefill x{q['prefill_speedup']:.3f}, decode x{q['decode_speedup']:.3f}, "
-                   f"params x{q['params_ratio']:.3f}")
+        typer.echo("\n".join(ratio_lines(res["ratios"])))
 
 
 @app.command("generate")
