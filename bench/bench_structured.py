@@ -45,8 +45,8 @@ def main() -> None:
         m = run_pipeline(recipe, out=str(run_dir), overwrite=True, command="bench")
         dense, _ = shearkit.load("smollm2-135m", device="cpu")
         pruned, _ = shearkit.load(run_dir / "model", device="cpu")
-        speed = shearkit.bench(dense, pruned, labels=["dense", "pruned"], batch=a.batch, length=a.length,
-                               repeats=a.repeats, decode_tokens=32)
+        speed = shearkit.bench(pruned, dense, labels=["pruned", "dense"], batch=a.batch, length=a.length,
+                               repeats=a.repeats, decode_tokens=32)  # ratios: pruned / dense
         fd, fp = (forward_flops_per_token(x, a.length)["total"] for x in (dense, pruned))
         row = {"method": a.method, "ratio": ratio, "ratio_achieved": m["prune"]["ratio_achieved"],
                "prune_s": m["prune"]["wall_s"], "prune_peak_mib": m["prune"]["peak_memory_bytes"] / 2**20,

@@ -1,5 +1,6 @@
 """The memory helper: work in a child process has peaks of its own; anonymous RSS leaves out file-backed pages."""
 import mmap
+import time
 
 import pytest
 
@@ -10,11 +11,13 @@ MIB = 2**20
 
 
 def allocate(n_mib: int) -> int:
-    """Hold `n_mib` MiB of touched anonymous memory for a moment; return its size."""
-    buf = bytearray(n_mib * MIB)
-    for i in range(0, len(buf), 4096):
-        buf[i] = 1
-    return len(buf)
+    """Hold `n_mib` MiB of fresh, touched anonymous memory for a moment (a private mapping, so never pages
+    the allocator already holds; long enough for the anonymous-RSS sampler to see it); return its size."""
+    with mmap.mmap(-1, n_mib * MIB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as buf:
+        for i in range(0, len(buf), 4096):
+            buf[i] = 1
+        time.sleep(0.05)
+        return len(buf)
 
 
 def read_mapped(path: str) -> int:

@@ -8,6 +8,8 @@ from typer.testing import CliRunner
 
 import shearkit
 from shearkit.cli import app
+from shearkit.errors import ShearkitError
+from shearkit.io.save import save
 from shearkit.eval.speed import dir_size, ratio_lines
 
 from conftest import VOCAB, make_tiny
@@ -66,7 +68,7 @@ def test_ratio_words_for_a_slower_model():
     q = {"model": "a", "baseline": "b", "prefill_speedup": 0.5, "decode_speedup": 2.0, "params_ratio": 1.0,
          "memory_ratio": 1.5}
     words = "\n".join(ratio_lines(q))
-    assert "prefill: 0.50× the speed of b (2.00× slower)" in words and "faster than b" in words.split("prefill")[1]
+    assert "prefill: 0.50× the speed of b, 2.00× slower (model / baseline tokens/s)" in words and "faster than b" in words.split("prefill")[1]
     assert "decode: 2.00× faster than b" in words and "uses 1.50× the memory of b" in words
 
 
@@ -102,6 +104,22 @@ def test_cli_bench_vs_words_and_full_table_when_piped(tmp_path, tiny_tokenizer):
                   r.stdout)
     assert m and float(m.group(1)) > 1, r.stdout
     assert re.search(r"peak memory: uses 0\.[0-9]+× the memory of " + re.escape(str(big_dir)), r.stdout)
+
+
+def test_bench_a_per_layer_width_model_object(tmp_path, tiny_tokenizer):
+    """A pruned model loaded back (its class is built at run time) travels to its child by value."""
+    model = make_tiny("llama")
+    plan = shearkit.prune(model, None, "structured-magnitude", 0.3, allocation="global")
+    loaded, _ = shearkit.load(save(model, tiny_tokenizer, tmp_path / "m", plan=plan), device="cpu")
+    assert "<locals>" in type(loaded).__qualname__
+    res = shearkit.bench(loaded, labels=["pruned"], batch=1, length=16, decode_tokens=2, repeats=1, warmup=0)
+    assert res["pruned"]["params"]["unique"] == sum(p.numel() for p in loaded.parameters())
+    assert "ratios" not in res
+
+
+def test_a_model_that_fails_to_load_in_its_child_is_a_clear_error(tmp_path):
+    with pytest.raises(ShearkitError, match="holds no config.json"):
+        shearkit.bench(str(tmp_path), repeats=1, warmup=0, length=8, decode_tokens=1)
 
 
 def test_dir_size(tmp_path):

@@ -211,8 +211,8 @@ def benchmark(models: dict[str, Any], *, batch: int = 1, length: int = 512, deco
 
 
 def _times(r: float, faster: str, slower: str) -> str:
-    """`r`× in words: 'N× faster' when r ≥ 1, else 'r× the ..., 1/r× slower'."""
-    return f"{r:.2f}× {faster}" if r >= 1 else f"{r:.2f}× {slower} ({1 / r:.2f}× slower)"
+    """`r`× in words: 'r× faster than ...' when r ≥ 1, else 'r× the speed of ..., 1/r× slower'."""
+    return f"{r:.2f}× {faster}" if r >= 1 else f"{r:.2f}× {slower}, {1 / r:.2f}× slower"
 
 
 def ratio_lines(ratios: dict[str, Any]) -> list[str]:
