@@ -66,3 +66,8 @@ def test_peak_memory_in_process():
     with PeakMemory() as pm:
         allocate(64)
     assert pm.peak_snapshot.rss - pm.start.rss > 56 * MIB and pm.peak == pm.peak_snapshot.rss
+
+
+def test_a_child_that_cannot_start_raises_its_error():
+    with pytest.raises(ModuleNotFoundError, match="no_such_module_here"):
+        ChildWorker(None, imports=("no_such_module_here",))

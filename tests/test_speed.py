@@ -55,7 +55,8 @@ def test_ratios_read_first_model_over_baseline(small_vs_big):
     res, *_ = small_vs_big
     q = res["ratios"]
     assert (q["model"], q["baseline"], q["label"]) == ("small", "big", "small / big")
-    assert q["prefill_speedup"] == res["small"]["prefill_tokens_per_s"]["median"] / res["big"]["prefill_tokens_per_s"]["median"]
+    tps = {k: res[k]["prefill_tokens_per_s"]["median"] for k in ("small", "big")}
+    assert q["prefill_speedup"] == tps["small"] / tps["big"]
     assert q["prefill_speedup"] > 1.5 and q["decode_speedup"] > 1
     assert q["params_ratio"] == res["small"]["params"]["unique"] / res["big"]["params"]["unique"] < 1
     assert q["memory_ratio"] == res["small"]["peak_memory_bytes"] / res["big"]["peak_memory_bytes"] < 1
@@ -68,7 +69,7 @@ def test_ratio_words_for_a_slower_model():
     q = {"model": "a", "baseline": "b", "prefill_speedup": 0.5, "decode_speedup": 2.0, "params_ratio": 1.0,
          "memory_ratio": 1.5}
     words = "\n".join(ratio_lines(q))
-    assert "prefill: 0.50× the speed of b, 2.00× slower (model / baseline tokens/s)" in words and "faster than b" in words.split("prefill")[1]
+    assert "prefill: 0.50× the speed of b, 2.00× slower (model / baseline tokens/s)" in words
     assert "decode: 2.00× faster than b" in words and "uses 1.50× the memory of b" in words
 
 

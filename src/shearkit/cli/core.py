@@ -84,7 +84,8 @@ def run_eval(r, out: Optional[str], overwrite: bool) -> dict:
 def bench_cmd(
     model: Optional[str] = MODEL_ARG,
     model_opt: Optional[str] = MODEL_OPT,
-    vs: Optional[str] = typer.Option(None, "--vs", help="A baseline model measured in the same run, in turn with the first; ratios read first model / baseline."),
+    vs: Optional[str] = typer.Option(None, "--vs", help="A baseline model, measured in turn with the first in the "
+                                     "same run; ratios read first model / baseline."),
     batch: int = typer.Option(1, "--batch", help="Prefill batch size."),
     length: int = typer.Option(512, "--length", help="Prefill sequence length."),
     decode_tokens: int = typer.Option(32, "--decode-tokens", help="Greedy decode steps timed (KV cache)."),
@@ -94,7 +95,8 @@ def bench_cmd(
     device: str = DEVICE_OPT, dtype: str = DTYPE_OPT, cache_dir: Optional[str] = CACHE_OPT,
     out: Optional[str] = OUT_OPT, overwrite: bool = OVERWRITE_OPT,
 ) -> None:
-    """Measure parameters, size on disk, prefill and decode tokens/s and peak memory.
+    """Measure parameters, size on disk, prefill and decode tokens/s and peak memory (each model in a
+    child process of its own; with --vs, ratios read the model over the baseline, above 1 when faster).
 
     Example: shearkit bench runs/lp20/model --vs smollm2-135m
     """

@@ -222,17 +222,19 @@ def _child_main(read_fd: int, write_fd: int) -> None:
 
 def _serve(inbox, outbox) -> None:
     """The child's loop: build the state with `setup`, then run calls on it until told to stop."""
-    imports, threads = pickle.loads(inbox.recv_bytes())
-    for name in imports:
-        importlib.import_module(name)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    start = snapshot()  # before the setup's arguments (which may hold a model) arrive
     try:
+        imports, threads = pickle.loads(inbox.recv_bytes())
+        for name in imports:
+            importlib.import_module(name)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        start = snapshot()  # before the setup's arguments (which may hold a model) arrive
         setup, args, kwargs = pickle.loads(inbox.recv_bytes())
         state = setup(*args, **kwargs) if setup is not None else None
+    except (EOFError, BrokenPipeError):
+        raise
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         outbox.send_bytes(pickle.dumps(_error_payload(e)))
         return
@@ -243,7 +245,8 @@ def _serve(inbox, outbox) -> None:
         if msg is None:
             return
         fn, args, kwargs, measure, device = msg
-        call = functools.partial(fn, state, *args, **kwargs) if setup is not None else functools.partial(fn, *args, **kwargs)
+        head = () if setup is None else (state,)
+        call = functools.partial(fn, *head, *args, **kwargs)
         try:
             if measure:
                 with PeakMemory(device) as pm:
@@ -282,8 +285,8 @@ class ChildWorker:
         self._from = Connection(from_child, writable=False)
         self._ready = False
         try:
-            self._to.send_bytes(pickle.dumps((tuple(imports), threads)))
-            self._to.send_bytes(_dumps((setup, args, kwargs)))
+            self._send((tuple(imports), threads))
+            self._send((setup, args, kwargs))
             if wait:
                 self.ready()
         except BaseException:
