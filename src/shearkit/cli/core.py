@@ -59,11 +59,12 @@ def eval_cmd(
 def run_eval(r, out: Optional[str], overwrite: bool) -> dict:
     """Load, evaluate and write the run directory for an eval recipe."""
     from .. import api
-    from ..runs import RunDir
+    from ..preflight import check_recipe_data
+    from ..runs import RunDir, recipe_inputs
 
-    api.check_tasks(r.eval.tasks, r.eval.data_dir)  # fail on a bad task name before loading the model
-    run = RunDir(out or r.top.get("out"), "eval", overwrite)
-    try:
+    check_recipe_data(r, parts=("eval",))  # bad task names, missing data: before a run directory or a model load
+    run = RunDir(out or r.top.get("out"), "eval", overwrite, inputs=recipe_inputs(r))
+    with run:
         run.write_recipe(r)
         mc, ec = r.model, r.eval
         run.log(f"loading {mc.name}")
@@ -76,8 +77,6 @@ def run_eval(r, out: Optional[str], overwrite: bool) -> dict:
         run.log(f"results: { {k: v['value'] for k, v in results.items()} }")
         typer.echo(f"run directory: {run.path}", err=True)
         return results
-    finally:
-        run.close()
 
 
 @app.command("bench")
@@ -108,16 +107,14 @@ def bench_cmd(
         if v < 1:
             raise ShearkitError(f"{name} must be at least 1, got {v}.")
     names = [m] + ([vs] if vs else [])
-    run = RunDir(out, "bench", overwrite)
-    try:
+    run = RunDir(out, "bench", overwrite, inputs=names)
+    with run:
         loaded = [api.load(n, device=device, dtype=dtype, cache_dir=cache_dir)[0] for n in names]
         paths = [str(builtin_path(n, cache_dir)) if n in BUILTINS else n for n in names]
         run.write_env(str(next(loaded[0].parameters()).device))
         res = api.bench(*loaded, labels=names, paths=paths, batch=batch, length=length,
                         decode_tokens=decode_tokens, repeats=repeats, warmup=warmup)
         run.write_metrics(res)
-    finally:
-        run.close()
     if as_json:
         typer.echo(json.dumps(res, indent=2, default=str))
         return
