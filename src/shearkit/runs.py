@@ -155,10 +155,10 @@ class RunDir:
                                     "--resume to continue it (recover), or choose another --out.")
             raise ShearkitError(f"Run directory {self.path} already exists and is not empty; "
                                 "choose another --out or pass --overwrite.")
+        refuse_unsafe_removal(self.path, inputs)
         if marker is None:
             raise ShearkitError(f"{self.path} is not a shearkit run directory (it has no {MARKER} file), so "
                                 "--overwrite will not delete it; choose another --out, or delete it yourself.")
-        refuse_unsafe_removal(self.path, inputs)
         shutil.rmtree(self.path)
 
     def _mark(self, status: str) -> None:

@@ -1,8 +1,8 @@
 """Atomic writes: nothing half-written is ever left where a reader expects a whole file.
 
 Temporary files and folders are created private (0600 / 0700) by `tempfile`; before they are
-renamed into place they get the permissions an ordinary `open` / `mkdir` would have given them
-under the process umask, so a model saved on a shared machine is readable by whoever the umask
+renamed into place they (and everything in a folder) get the permissions an ordinary `open` /
+`mkdir` would have given them under the process umask, so a model saved on a shared machine is readable by whoever the umask
 allows.
 """
 from __future__ import annotations
@@ -32,6 +32,20 @@ def current_umask() -> int:
 def _as_created(path: str | os.PathLike, directory: bool) -> None:
     """Give a temporary file or folder the mode `open`/`mkdir` would have given it under the umask."""
     os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+def _tree_as_created(root: Path) -> None:
+    """`_as_created` on a folder and everything in it (some writers, e.g. transformers' safetensors
+    shards, go through private temporary files too); executable files keep their execute bits."""
+    mask = current_umask()
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        if p.is_dir():
+            os.chmod(p, 0o777 & ~mask)
+        else:
+            exe = p.stat().st_mode & 0o111
+            os.chmod(p, (0o666 | (0o111 if exe else 0)) & ~mask)
 
 
 @contextmanager
@@ -79,8 +93,8 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        _as_created(tmp, directory=True)
         yield tmp
+        _tree_as_created(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
