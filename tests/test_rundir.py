@@ -32,6 +32,7 @@ def _finished_run(path: Path, fail: bool = False) -> Path:
     try:
         with RunDir(path, "eval") as run:
             (run.path / "recipe.yaml").write_text("model: {name: x}\n")
+            run.write_env("cpu", 0)
             run.write_metrics({"tasks": {}})
             if fail:
                 raise RuntimeError("boom")
@@ -124,6 +125,22 @@ def test_overwrite_refuses_a_folder_shearkit_did_not_create(tmp_path):
     with pytest.raises(ShearkitError, match="not a shearkit run directory"):
         RunDir(mine, "eval", overwrite=True)
     assert (mine / "thesis.tex").read_text() == "keep me"
+
+
+def test_overwrite_replaces_a_run_directory_from_before_the_marker(tmp_path):
+    old = _finished_run(tmp_path / "old")
+    (old / MARKER).unlink()
+    with pytest.raises(ShearkitError, match="--overwrite"):
+        RunDir(old, "eval")
+    with RunDir(old, "eval", overwrite=True):  # its run.log and shearkit's env.json say what it is
+        pass
+    assert not (old / "metrics.json").exists()
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "run.log").write_text("mine")
+    (fake / "env.json").write_text("{}")
+    with pytest.raises(ShearkitError, match="not a shearkit run directory"):
+        RunDir(fake, "eval", overwrite=True)
 
 
 def test_overwrite_refuses_the_working_directory(tmp_path, monkeypatch):

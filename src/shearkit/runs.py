@@ -5,8 +5,9 @@ the environment (`env.json`: versions, device, seed) and a marker, `.shearkit-ru
 shearkit created it and whether the run finished (`running`, `failed`, `interrupted`,
 `complete`). An existing, non-empty directory is reused only in two cases: a run that stopped
 before writing any result (only its recipe, environment and log are there) is replaced by the
-rerun, and `--overwrite` replaces a directory that carries the marker, unless it is (or holds)
-the working directory, a home directory or an input of the run.
+rerun, and `--overwrite` replaces a directory that carries the marker (or, written before the
+marker existed, shearkit's `run.log` and `env.json`), unless it is (or holds) the working
+directory, a home directory or an input of the run.
 """
 from __future__ import annotations
 
@@ -64,6 +65,15 @@ def read_marker(path: str | os.PathLike) -> dict | None:
     except (OSError, ValueError):
         return None
     return marker if isinstance(marker, dict) else None
+
+
+def _legacy_run_dir(path: Path) -> bool:
+    """True for a run directory written before the marker existed: its `run.log` and shearkit's `env.json`."""
+    try:
+        env = json.loads((path / "env.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (path / "run.log").is_file() and isinstance(env, dict) and "shearkit" in (env.get("versions") or {})
 
 
 def _writer_alive(marker: dict) -> bool:
@@ -156,7 +166,7 @@ class RunDir:
             raise ShearkitError(f"Run directory {self.path} already exists and is not empty; "
                                 "choose another --out or pass --overwrite.")
         refuse_unsafe_removal(self.path, inputs)
-        if marker is None:
+        if marker is None and not _legacy_run_dir(self.path):
             raise ShearkitError(f"{self.path} is not a shearkit run directory (it has no {MARKER} file), so "
                                 "--overwrite will not delete it; choose another --out, or delete it yourself.")
         shutil.rmtree(self.path)
