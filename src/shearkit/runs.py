@@ -169,6 +169,9 @@ class RunDir:
         if marker is None and not _legacy_run_dir(self.path):
             raise ShearkitError(f"{self.path} is not a shearkit run directory (it has no {MARKER} file), so "
                                 "--overwrite will not delete it; choose another --out, or delete it yourself.")
+        if self.path.is_symlink():
+            raise ShearkitError(f"{self.path} is a symbolic link; --overwrite deletes only a real run directory. "
+                                "Give the folder it points to as --out.")
         shutil.rmtree(self.path)
 
     def _mark(self, status: str) -> None:
