@@ -301,8 +301,11 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask_022):
 
 
 def test_saved_model_and_run_directory_are_readable_by_others(tmp_path, tiny_llama, tiny_tokenizer, umask_022):
+    import torch
+
     from shearkit.io.save import save
     from shearkit.recovery.trainlog import TrainLog, plot_losses
+    from shearkit.sparsity.apply import save_masks
 
     out = save(tiny_llama, tiny_tokenizer, tmp_path / "model")
     assert _mode(out) == 0o755
@@ -313,5 +316,7 @@ def test_saved_model_and_run_directory_are_readable_by_others(tmp_path, tiny_lla
         log = TrainLog(run.path / "recovery" / "train_log.jsonl")
         log.append({"step": 1, "loss": 2.0})
         plot_losses(log.records, run.path / "loss.png")
+        save_masks({"model.layers.0.mlp.up_proj": torch.rand(8, 16) > 0.5}, run.path)
     files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert "masks.safetensors" in {p.name for p in files}
     assert {p.name: _mode(p) for p in files} == {p.name: 0o644 for p in files}

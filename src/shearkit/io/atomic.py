@@ -57,8 +57,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
-        _as_created(tmp, directory=False)
         yield Path(tmp)
+        _as_created(tmp, directory=False)  # after writing: some writers (safetensors) replace the file
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
