@@ -320,3 +320,15 @@ def test_saved_model_and_run_directory_are_readable_by_others(tmp_path, tiny_lla
     files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert "masks.safetensors" in {p.name for p in files}
     assert {p.name: _mode(p) for p in files} == {p.name: 0o644 for p in files}
+
+
+def test_builtin_model_cache_follows_the_umask(tmp_path, monkeypatch, tiny_llama, umask_022):
+    """The built-in model cache is shared by everyone on the machine; transformers writes its weights 0600."""
+    from shearkit.models import builtin
+
+    monkeypatch.setattr(builtin, "_download_gguf", lambda spec, work: work / "model.gguf")
+    monkeypatch.setattr(builtin, "_convert_gguf_dir", lambda gguf, out, source: tiny_llama.save_pretrained(out))
+    target = builtin.builtin_path("smollm2-135m", cache_dir=tmp_path)
+    files = [p for p in target.rglob("*") if p.is_file()]
+    assert "model.safetensors" in {p.name for p in files}
+    assert _mode(target) == 0o755 and {p.name: _mode(p) for p in files} == {p.name: 0o644 for p in files}

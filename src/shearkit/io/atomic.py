@@ -34,10 +34,10 @@ def _as_created(path: str | os.PathLike, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
-def _tree_as_created(root: Path) -> None:
+def tree_as_created(root: str | os.PathLike) -> None:
     """`_as_created` on a folder and everything in it (some writers, e.g. transformers' safetensors
     shards, go through private temporary files too); executable files keep their execute bits."""
-    mask = current_umask()
+    mask, root = current_umask(), Path(root)
     for p in [root, *root.rglob("*")]:
         if p.is_symlink():
             continue
@@ -94,7 +94,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        _tree_as_created(tmp)
+        tree_as_created(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
