@@ -1,6 +1,7 @@
 """The CLI: help without torch, version, one model argument shape, clear errors."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -87,3 +88,60 @@ def test_unknown_task_fails_before_loading(tmp_path):
     r = run_cli("eval", "smollm2-135m", "--tasks", "piqaa", "--out", str(tmp_path / "z"))
     assert r.returncode == 2 and "piqa" in r.stderr
     assert not (tmp_path / "z").exists()  # refused before a run directory or a model load
+
+
+# every kind of usage error: (arguments, what the message says)
+USAGE_ERRORS = [
+    (("eval", "smollm2-135m", "--bogus"), "No such option: --bogus"),
+    (("generate",), "Missing argument"),
+    (("prune", "smollm2-135m", "--method", "wanda", "--ratio", "abc"), "Invalid value for '--ratio'"),
+    (("frobnicate",), "No such command 'frobnicate'"),
+]
+
+
+def _entry_point() -> str:
+    exe = shutil.which("shearkit", path=os.path.dirname(sys.executable)) or shutil.which("shearkit")
+    if exe is None:
+        pytest.skip("the `shearkit` console script is not installed (pip install -e .)")
+    return exe
+
+
+@pytest.mark.parametrize("args,says", USAGE_ERRORS, ids=["unknown-option", "missing-argument", "not-a-number",
+                                                         "unknown-command"])
+def test_usage_errors_print_usage_and_exit_2(args, says):
+    for r in (run_cli(*args),
+              subprocess.run([_entry_point(), *args], capture_output=True, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})):
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr
+        assert "Usage: " in r.stderr and "--help" in r.stderr and says in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args,says", USAGE_ERRORS[:2])
+def test_usage_errors_through_main_in_process(args, says, monkeypatch, capsys):
+    from shearkit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["shearkit", *args])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Usage: " in err and says in err
+
+
+def test_nm_with_a_structured_method_names_the_methods_that_take_it(tmp_path):
+    r = run_cli("prune", "smollm2-135m", "--method", "llm-pruner", "--nm", "2:4", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "Unknown key" not in r.stderr
+    assert "N:M sparsity (--nm / prune.nm) applies only to unstructured methods" in r.stderr, r.stderr
+    assert "'llm-pruner' is structured" in r.stderr and "wanda" in r.stderr and "sparsegpt" in r.stderr
+    assert "besa" not in r.stderr.split("takes it:")[-1]  # BESA refuses N:M itself
+    assert not (tmp_path / "x").exists()
+
+
+def test_nm_in_a_recipe_with_a_structured_method():
+    from shearkit.errors import ShearkitError
+    from shearkit.recipe import load_recipe
+
+    with pytest.raises(ShearkitError, match="applies only to unstructured methods.*magnitude"):
+        load_recipe(None, extra={"prune": {"method": "structured-magnitude", "nm": "2:4"}})
+    assert load_recipe(None, extra={"prune": {"method": "wanda", "nm": "2:4"}}).get("prune").ratio == 0.5

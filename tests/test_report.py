@@ -215,13 +215,17 @@ def test_report_regenerates_and_refuses_foreign_out(tmp_path):
     run = _eval_run(tmp_path, "ev", {"piqa_local": _zs(0.6, 0.61)})
     write_report(run)
     (run / "report" / "stale.txt").write_text("old")
-    write_report(run)  # a previous report is replaced whole
+    with pytest.raises(ShearkitError, match="already holds a report; pass --overwrite"):
+        write_report(run)  # never silently
+    assert (run / "report" / "stale.txt").exists()
+    write_report(run, overwrite=True)  # a previous report is replaced whole
     assert not (run / "report" / "stale.txt").exists()
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(ShearkitError, match="not a shearkit report"):
-        write_report(run, out=foreign)
+    for overwrite in (False, True):  # not even with --overwrite
+        with pytest.raises(ShearkitError, match="not a shearkit report"):
+            write_report(run, out=foreign, overwrite=overwrite)
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 

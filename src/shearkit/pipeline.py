@@ -9,8 +9,9 @@ import time
 from typing import Any
 
 from .errors import ShearkitError
+from .preflight import check_recipe_data
 from .recipe import Recipe
-from .runs import RunDir
+from .runs import RunDir, recipe_inputs
 
 SAVE_FORMATS = ("dense", "compressed-tensors", "none")
 
@@ -31,10 +32,10 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
     if pcfg is None and rcfg is None:
         raise ShearkitError("The recipe has neither a 'prune' nor a 'recover' section: nothing to run. "
                             "Add e.g. `prune: {method: llm-pruner, ratio: 0.2}`.")
-    api.check_tasks(recipe.eval.tasks, recipe.eval.data_dir or recipe.calib.data_dir)  # before any slow work
-    run = RunDir(out or recipe.top.get("out"), command, overwrite)
+    check_recipe_data(recipe)  # every data set the run reads, before a run directory or a model load
+    run = RunDir(out or recipe.top.get("out"), command, overwrite, inputs=recipe_inputs(recipe))
     metrics: dict[str, Any] = {"model": recipe.model.name}
-    try:
+    with run:
         run.write_recipe(recipe)
         mc, ec = recipe.model, recipe.eval
         echo(f"[1/5] loading {mc.name}")
@@ -96,8 +97,6 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
         run.write_metrics(metrics)
         echo(f"run directory: {run.path}")
         return {**metrics, "run_dir": str(run.path)}
-    finally:
-        run.close()
 
 
 def _plain(history: Any) -> dict:

@@ -1,8 +1,13 @@
 """Run directories: every command that produces something writes one.
 
-A run directory holds the resolved recipe (`recipe.yaml`), `metrics.json`, a log (`run.log`)
-and the environment (`env.json`: versions, device, seed). An existing, non-empty directory is
-never reused unless the user passes `--overwrite`.
+A run directory holds the resolved recipe (`recipe.yaml`), `metrics.json`, a log (`run.log`),
+the environment (`env.json`: versions, device, seed) and a marker, `.shearkit-run`, that says
+shearkit created it and whether the run finished (`running`, `failed`, `interrupted`,
+`complete`). An existing, non-empty directory is reused only in two cases: a run that stopped
+before writing any result (only its recipe, environment and log are there) is replaced by the
+rerun, and `--overwrite` replaces a directory that carries the marker (or, written before the
+marker existed, shearkit's `run.log` and `env.json`), unless it is (or holds) the working
+directory, a home directory or an input of the run.
 """
 from __future__ import annotations
 
@@ -11,13 +16,19 @@ import logging
 import os
 import platform
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .errors import ShearkitError
 from .io.atomic import write_json, write_text
+from .io.guard import refuse_unsafe_removal
+
+MARKER = ".shearkit-run"
+# what a run writes before it has any result; a stopped run holding only these is replaced on a rerun
+BOOKKEEPING = frozenset({MARKER, "recipe.yaml", "env.json", "run.log"})
 
 
 def default_run_dir(command: str) -> Path:
@@ -46,25 +57,140 @@ def environment(device: str | None = None, seed: int | None = None) -> dict[str,
     return env
 
 
+def read_marker(path: str | os.PathLike) -> dict | None:
+    """The marker of a shearkit run directory, or None when `path` is not one."""
+    p = Path(path) / MARKER
+    try:
+        marker = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def _legacy_run_dir(path: Path) -> bool:
+    """True for a run directory written before the marker existed: its `run.log` and shearkit's `env.json`."""
+    try:
+        env = json.loads((path / "env.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (path / "run.log").is_file() and isinstance(env, dict) and "shearkit" in (env.get("versions") or {})
+
+
+def _writer_alive(marker: dict) -> bool:
+    """True when the marker's process is still running on this machine (and is not this process)."""
+    pid = marker.get("pid")
+    if marker.get("status") != "running" or not isinstance(pid, int) or pid == os.getpid():
+        return False
+    if marker.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def recipe_inputs(recipe) -> list[str]:
+    """Paths a recipe reads (model, data files, data directories), which `--overwrite` must never delete."""
+    found: list[str] = []
+
+    def walk(v: Any) -> None:
+        if isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+        elif isinstance(v, str) and v and Path(v).expanduser().exists():
+            found.append(v)
+
+    walk({k: v for k, v in recipe.to_dict().items() if k not in ("out", "name")})  # not the run's own folder
+    return found
+
+
+def _default_inputs() -> list[str]:
+    """Inputs of every run: the data directory from the environment and shearkit's model cache."""
+    from .models.builtin import cache_root
+
+    return [p for p in (os.environ.get("SHEARKIT_DATA"), str(cache_root())) if p]
+
+
 class RunDir:
-    """A run directory being written."""
+    """A run directory being written; use it as a context manager so the marker records how the run ended.
+
+    Args:
+        path: the directory (default `runs/<command>-<timestamp>`).
+        command: the command writing it (recorded in the marker).
+        overwrite: replace an existing run directory (only one shearkit created; see the module docstring).
+        reuse: continue in an existing run directory, keeping its files (e.g. `recover --resume`).
+        inputs: paths the command reads; `--overwrite` refuses a directory that is or holds one of them.
+    """
 
     def __init__(self, path: str | os.PathLike | None, command: str, overwrite: bool = False,
-                 reuse: bool = False):
-        # reuse=True continues in an existing run directory (e.g. `recover --resume`), keeping its files
-        self.path = Path(path) if path else default_run_dir(command)
-        if self.path.exists() and any(self.path.iterdir()) and not reuse:
-            if not overwrite:
-                raise ShearkitError(f"Run directory {self.path} already exists and is not empty; "
-                                    "choose another --out or pass --overwrite.")
-            shutil.rmtree(self.path)
+                 reuse: bool = False, inputs: Iterable[str | os.PathLike | None] = ()):
+        self.path = Path(path).expanduser() if path else default_run_dir(command)
+        if self.path.exists() and not self.path.is_dir():
+            raise ShearkitError(f"{self.path} is a file, not a run directory; choose another --out.")
+        marker = read_marker(self.path)
+        if marker is not None and _writer_alive(marker):
+            raise ShearkitError(f"Run directory {self.path} is being written by another shearkit process (pid "
+                                f"{marker['pid']}, since {marker.get('created')}); wait for it or choose another "
+                                f"--out. If that process is gone, delete {self.path / MARKER}.")
+        if self.path.is_dir() and any(self.path.iterdir()) and not reuse:
+            self._clear(marker, overwrite, [*inputs, *_default_inputs()])
         self.path.mkdir(parents=True, exist_ok=True)
         self.command = command
+        self._created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self._mark("running")
         self.logger = logging.getLogger("shearkit")
         self._handler = logging.FileHandler(self.path / "run.log", encoding="utf-8")
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         self.logger.addHandler(self._handler)
         self.logger.setLevel(logging.INFO)
+
+    def _clear(self, marker: dict | None, overwrite: bool, inputs: list) -> None:
+        """Empty an existing directory before the run starts, or refuse (see the module docstring)."""
+        entries = list(self.path.iterdir())
+        unfinished = marker is not None and marker.get("status") != "complete"
+        if unfinished and {e.name for e in entries} <= BOOKKEEPING:
+            for e in entries:  # a run that stopped before any result: remove only its own files
+                e.unlink()
+            return
+        if not overwrite:
+            if unfinished:
+                raise ShearkitError(f"Run directory {self.path} holds an unfinished {marker.get('command')} run "
+                                    f"({marker.get('status')}) with results in it; pass --overwrite to replace it, "
+                                    "--resume to continue it (recover), or choose another --out.")
+            raise ShearkitError(f"Run directory {self.path} already exists and is not empty; "
+                                "choose another --out or pass --overwrite.")
+        refuse_unsafe_removal(self.path, inputs)
+        if marker is None and not _legacy_run_dir(self.path):
+            raise ShearkitError(f"{self.path} is not a shearkit run directory (it has no {MARKER} file), so "
+                                "--overwrite will not delete it; choose another --out, or delete it yourself.")
+        if self.path.is_symlink():
+            raise ShearkitError(f"{self.path} is a symbolic link; --overwrite deletes only a real run directory. "
+                                "Give the folder it points to as --out.")
+        shutil.rmtree(self.path)
+
+    def _mark(self, status: str) -> None:
+        write_json(self.path / MARKER, {"shearkit_run": 1, "command": self.command, "status": status,
+                                        "pid": os.getpid(), "host": socket.gethostname(),
+                                        "created": self._created, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._mark("complete")
+            else:
+                self._mark("failed" if issubclass(exc_type, Exception) else "interrupted")
+                self.log(f"stopped: {exc_type.__name__}: {exc}")
+        finally:
+            self.close()
 
     def log(self, msg: str) -> None:
         self.logger.info(msg)
@@ -83,5 +209,6 @@ class RunDir:
         return json.loads(p.read_text()) if p.exists() else {}
 
     def close(self) -> None:
+        """Detach the log file (the marker keeps saying `running` unless the run ends through `with`)."""
         self.logger.removeHandler(self._handler)
         self._handler.close()

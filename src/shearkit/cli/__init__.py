@@ -20,27 +20,23 @@ for _mod in ("core", "prune_cmds", "recover_cmds", "run_cmds", "report_cmds"):
 
 
 def main() -> None:
-    """Entry point: run the app, turning user errors into one clear line and exit code 2."""
+    """Entry point: run the app; user errors become one clear line and exit code 2.
+
+    Typer runs in standalone mode so that its own (vendored) click handles usage errors (unknown
+    option or command, missing argument, a value of the wrong type): it prints the usage line and
+    the error and exits 2. Only shearkit's own errors reach the handler below.
+    """
     from ..errors import ShearkitError
 
     try:
-        app(standalone_mode=False)
+        app(standalone_mode=True)
     except ShearkitError as e:
         from rich.console import Console
+        from rich.markup import escape
 
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        # soft_wrap: one line however narrow the terminal, so the message can be copied or grepped whole
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(2)
-    except SystemExit:
-        raise
-    except Exception as e:  # click's usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        raise
 
 
 __all__ = ["app", "main"]

@@ -59,11 +59,12 @@ def eval_cmd(
 def run_eval(r, out: Optional[str], overwrite: bool) -> dict:
     """Load, evaluate and write the run directory for an eval recipe."""
     from .. import api
-    from ..runs import RunDir
+    from ..preflight import check_recipe_data
+    from ..runs import RunDir, recipe_inputs
 
-    api.check_tasks(r.eval.tasks, r.eval.data_dir)  # fail on a bad task name before loading the model
-    run = RunDir(out or r.top.get("out"), "eval", overwrite)
-    try:
+    check_recipe_data(r, parts=("eval",))  # bad task names, missing data: before a run directory or a model load
+    run = RunDir(out or r.top.get("out"), "eval", overwrite, inputs=recipe_inputs(r))
+    with run:
         run.write_recipe(r)
         mc, ec = r.model, r.eval
         run.log(f"loading {mc.name}")
@@ -76,8 +77,6 @@ def run_eval(r, out: Optional[str], overwrite: bool) -> dict:
         run.log(f"results: { {k: v['value'] for k, v in results.items()} }")
         typer.echo(f"run directory: {run.path}", err=True)
         return results
-    finally:
-        run.close()
 
 
 @app.command("bench")
@@ -110,14 +109,12 @@ def bench_cmd(
         if v < 1:
             raise ShearkitError(f"{name} must be at least 1, got {v}.")
     names = [m] + ([vs] if vs else [])
-    run = RunDir(out, "bench", overwrite)
-    try:  # each model is loaded and measured in a child process of its own (its peak memory is its own)
+    run = RunDir(out, "bench", overwrite, inputs=names)
+    with run:  # each model is loaded and measured in a child process of its own (its peak memory is its own)
         res = api.bench(*names, labels=names, batch=batch, length=length, decode_tokens=decode_tokens,
                         repeats=repeats, warmup=warmup, device=device, dtype=dtype, cache_dir=cache_dir)
         run.write_env(res[next(iter(res))]["setting"]["device"])
         run.write_metrics(res)
-    finally:
-        run.close()
     if as_json:
         typer.echo(json.dumps(res, indent=2, default=str))
         return

@@ -75,8 +75,9 @@ def run_recover(r, out: Optional[str], overwrite: bool, resume: bool = False, te
     """Load the model (and teacher), recover it, save the merged model and write the run directory."""
     from .. import api
     from ..errors import ShearkitError
+    from ..preflight import check_recovery_data
     from ..recovery import recover
-    from ..runs import RunDir
+    from ..runs import RunDir, recipe_inputs
 
     rc, mc = r.get("recover"), r.model
     if rc.distill_weight > 0 and not teacher:
@@ -84,8 +85,9 @@ def run_recover(r, out: Optional[str], overwrite: bool, resume: bool = False, te
     if not rc.merge:
         raise ShearkitError("The recover command saves the merged model; set recover.merge true "
                             "(use --save-adapter to keep the adapters as well).")
-    run = RunDir(out or r.top.get("out"), "recover", overwrite, reuse=resume)
-    try:
+    check_recovery_data(rc, rc.data_dir)  # the data, before a run directory or a model load
+    run = RunDir(out or r.top.get("out"), "recover", overwrite, reuse=resume, inputs=[*recipe_inputs(r), teacher])
+    with run:
         run.write_recipe(r)
         run.log(f"loading {mc.name}")
         model, tok = api.load(mc.name, device=mc.device, dtype=mc.dtype, cache_dir=mc.cache_dir,
@@ -106,8 +108,6 @@ def run_recover(r, out: Optional[str], overwrite: bool, resume: bool = False, te
         run.write_metrics(metrics)
         typer.echo(f"run directory: {run.path}", err=True)
         return metrics
-    finally:
-        run.close()
 
 
 def save_model(model, tokenizer, path: Path, source: str | None = None, evals: dict | None = None,

@@ -5,7 +5,7 @@ from typing import List, Optional
 
 import typer
 
-from .app import OVERWRITE_OPT, app
+from .app import app
 
 
 @app.command("report")
@@ -13,7 +13,7 @@ def report_cmd(
     run_dir: str = typer.Argument(..., help="The run directory to report on."),
     vs: Optional[List[str]] = typer.Option(None, "--vs", help="Another run directory to compare with (repeatable)."),
     out: Optional[str] = typer.Option(None, "--out", help="Report folder (default RUN_DIR/report)."),
-    overwrite: bool = OVERWRITE_OPT,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous report in the report folder."),
 ) -> None:
     """Write a markdown report and a self-contained HTML page with plots for a run directory.
 

@@ -89,8 +89,9 @@ def harness_task_names() -> frozenset[str]:
 
 
 def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    from ..data.availability import hub_offline
+
+    return hub_offline()
 
 
 def _data_root(data_dir) -> Path | None:

@@ -95,9 +95,31 @@ def method_config(data: dict) -> PruneConfig:
     if not name:
         raise ShearkitError(f"The prune section needs a 'method'; methods: {', '.join(sorted(METHODS))}.")
     cls = get_method(name)
+    if data.get("nm") is not None and not _takes_nm(cls):
+        raise ShearkitError(f"N:M sparsity (--nm / prune.nm) applies only to unstructured methods, and '{name}' is "
+                            f"{METHODS[name].kind}. Drop --nm, or use a method that takes it: "
+                            f"{', '.join(nm_methods(data['nm']))}.")
     if "sparsity" in data and "ratio" not in data:  # alias used by the unstructured methods
         data["ratio"] = data.pop("sparsity")
     return build_config(cls.config_cls, data, "prune")
+
+
+def _takes_nm(cls: type) -> bool:
+    return any(f.name == "nm" for f in dataclasses.fields(cls.config_cls))
+
+
+def nm_methods(nm: str = "2:4") -> list[str]:
+    """The registered methods whose config accepts the N:M pattern `nm` (imports each unstructured method)."""
+    out = []
+    for k, info in sorted(METHODS.items()):
+        if info.kind != "unstructured" or not _takes_nm(cls := get_method(k)):
+            continue
+        try:
+            build_config(cls.config_cls, {"method": k, "nm": nm}, "prune")
+        except ShearkitError:  # e.g. BESA: its allocation has nothing to decide under N:M
+            continue
+        out.append(k)
+    return out
 
 
 register_section("prune", method_config)

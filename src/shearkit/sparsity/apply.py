@@ -95,17 +95,15 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike) -> Pa
     """Write masks to `path` (a file, or a directory that gets `masks.safetensors`) atomically."""
     from safetensors.torch import save_file
 
+    from ..io.atomic import atomic_file
+
     path = Path(path)
     if path.is_dir() or not path.suffix:
         path = path / MASKS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     packed, meta = pack_masks(masks)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:
         save_file(packed, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
