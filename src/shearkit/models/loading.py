@@ -63,14 +63,20 @@ def load(
 def _load_dir(path: Path, torch_dtype, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..io.modeling import load_shearkit_model, is_shearkit_model
+    from ..io.modeling import LAYER_SHAPES_KEY, load_shearkit_model
+    from ..io.sparse_export import is_compressed, load_compressed_model
+    from ..io.weights import check_weight_files, read_config
 
-    if is_shearkit_model(path) and not trust_remote_code:
+    config = read_config(path)
+    weights = check_weight_files(path)  # a damaged file is named here, not deep inside transformers
+    if not weights:
+        raise ShearkitError(f"{path} holds no .safetensors weights; shearkit loads safetensors only (never "
+                            "pickled .bin files). Convert the checkpoint to safetensors first.")
+    if is_compressed(config):  # written with --save-format compressed-tensors: decompress
+        model = load_compressed_model(path, torch_dtype)
+    elif LAYER_SHAPES_KEY in config and not trust_remote_code:
         model = load_shearkit_model(path, torch_dtype)
     else:
-        if not any(path.glob("*.safetensors")):
-            raise ShearkitError(f"{path} holds no .safetensors weights; shearkit loads safetensors only (never "
-                                "pickled .bin files). Convert the checkpoint to safetensors first.")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
                                                      use_safetensors=True)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
