@@ -94,6 +94,33 @@ def test_masked_lora_term_and_gradients():
     assert torch.autograd.gradcheck(lambda x, a, b: masked_lora(x, a, b, keep, 1.5), (x, a, b))
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_masked_layers_train_and_evaluate_the_same_function(family):
+    """The training path (masked low-rank term) and the evaluation path (merged weight) agree, and
+    only layers with zeros are masked ("auto"; a dense model gets none)."""
+    from peft import get_peft_model
+
+    from shearkit.recovery.lora import lora_config
+    from shearkit.recovery.masked import mask_lora_layers
+
+    dense = get_peft_model(make_tiny(family), lora_config(make_tiny(family), 4, 8, 0.0))
+    assert mask_lora_layers(dense, "auto") == {}
+    model = make_tiny(family)
+    shearkit.prune(model, None, "magnitude", 0.5)
+    peft_model = get_peft_model(model, lora_config(model, 4, 8, 0.0))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    applied = mask_lora_layers(peft_model, "auto")
+    assert set(applied) == set(sparse_targets(model))
+    ids = torch.randint(3, 320, (2, 12))
+    peft_model.eval()  # no dropout anywhere; with gradients on, the layers take the training path
+    with torch.enable_grad():
+        trained = peft_model(input_ids=ids).logits
+    torch.testing.assert_close(_logits(peft_model, ids), trained.detach(), rtol=1e-5, atol=1e-5)
+
+
 # -- the Python API -----------------------------------------------------------------------------
 
 

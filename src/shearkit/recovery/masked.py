@@ -3,9 +3,12 @@
 A dense LoRA update s·BA fills every pruned weight when it is merged. Here each LoRA layer over
 a sparse weight applies its update through the weight's keep-mask M ((out, in), True = kept):
 in training, in the evaluations during recovery and in the merge, so the merged model has
-exactly the zeros it started with and what was evaluated is what is saved. The masked product
-is formed in the forward pass and formed again in the backward pass instead of being stored, so
-the extra memory is one weight-sized temporary at a time, not one per layer.
+exactly the zeros it started with and what was evaluated is what is saved (evaluation computes
+with the merged weight itself). In training the masked product is formed in the forward pass
+and formed again in the backward pass instead of being stored, so the extra memory is one
+weight-sized temporary at a time, not one per layer. The price is compute: per layer and step,
+five products of the weight's size with the batch (base and update forward; input gradient
+through both; the update's gradient) where plain LoRA needs two.
 
 The masks come from a `Plan` (its masks, or the model's zeros in the layers it sparsified), a
 mapping of module name -> keep-mask, or "auto": the zeros of the adapted weights when at least
@@ -62,32 +65,44 @@ def masked_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, keep: torch.T
 
 
 class MaskedLoraLinear(LoraLinear):
-    """A peft LoRA `Linear` whose update is masked by the buffer `shearkit_keep` ((out, in), bool).
+    """A peft LoRA `Linear` whose update is masked by `shearkit_keep` ((out, in), bool).
 
     Made from an existing layer by `mask_lora_layers` (never constructed): its forward and
-    `get_delta_weight` (and so peft's merge, unmerge and merge_and_unload) apply the mask.
+    `get_delta_weight` (and so peft's merge, unmerge and merge_and_unload) apply the mask. The
+    mask is a plain attribute, not a buffer, so that DDP does not broadcast it at every step.
     """
 
     shearkit_keep: torch.Tensor
 
+    def _keep(self, device: torch.device) -> torch.Tensor:
+        if self.shearkit_keep.device != device:  # the model was moved after the masks were attached
+            self.shearkit_keep = self.shearkit_keep.to(device)
+        return self.shearkit_keep
+
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         delta = super().get_delta_weight(adapter)  # in the stored layout: (in, out) for GPT-2's Conv1D
-        keep = self.shearkit_keep.T if self.fan_in_fan_out else self.shearkit_keep
-        return delta.masked_fill(~keep, 0)
+        keep = self._keep(delta.device)
+        return delta.masked_fill(~(keep.T if self.fan_in_fan_out else keep), 0)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if kwargs.get("adapter_names") is not None:
             raise ShearkitError("Masked LoRA layers do not take per-example adapter_names.")
         if self.disable_adapters or self.merged:
             return super().forward(x, *args, **kwargs)
+        active = [n for n in self.active_adapters if n in self.lora_A]
+        base = self.get_base_layer()
+        if not torch.is_grad_enabled() and not self.training and not args and not kwargs:
+            # evaluation: one product with the merged weight, as the saved model computes it
+            weight = (base.weight + sum(self.get_delta_weight(n) for n in active)).to(base.weight.dtype)
+            if self.fan_in_fan_out:
+                weight = weight.T
+            return F.linear(x.to(weight.dtype), weight, base.bias)
         result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
-        for name in self.active_adapters:
-            if name not in self.lora_A:
-                continue
+        for name in active:
             a, b = self.lora_A[name].weight, self.lora_B[name].weight
             xa = self.lora_dropout[name](x.to(a.dtype))
-            result = result + masked_lora(xa, a, b, self.shearkit_keep, self.scaling[name]).to(out_dtype)
+            result = result + masked_lora(xa, a, b, self._keep(a.device), self.scaling[name]).to(out_dtype)
         return result
 
 
@@ -164,7 +179,7 @@ def mask_lora_layers(peft_model, masks: Mapping[str, torch.Tensor] | str | None)
         if getattr(layer, "lora_variant", None) or any(getattr(layer, "use_dora", {}).values()):
             raise ShearkitError(f"{n} uses a LoRA variant (e.g. DoRA); masked LoRA supports plain LoRA only.")
         layer.__class__ = MaskedLoraLinear
-        layer.register_buffer("shearkit_keep", keep.to(_weight_oi(layer).device), persistent=False)
+        layer.shearkit_keep = keep.to(_weight_oi(layer).device)
         applied[n] = keep.cpu()
     return applied
 
