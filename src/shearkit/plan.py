@@ -119,8 +119,7 @@ class Plan:
         from .io.atomic import write_json
 
         path = Path(path)
-        d = self.to_dict()
-        d["masks_file"] = None
+        d = {**self.to_dict(), "schema_version": SCHEMA_VERSION, "masks_file": None}  # written as this version
         if self.masks:
             from .sparsity.apply import MASKS_FILE, save_masks
 

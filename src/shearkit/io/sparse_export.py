@@ -12,7 +12,9 @@
 
 Note on versions: compressed-tensors 0.15+ (0.20 is installed) keeps these config classes and
 bit helpers but dropped the sparse compressors themselves (and transformers' loader no longer
-decompresses them), so `load_compressed` here performs the decompression. The layout is the one
+decompresses them: it loads such a folder with those weights newly initialised), so
+`load_compressed_model` here performs the decompression, and `shearkit.load` uses it for every
+folder whose config carries a compressed-tensors `sparsity_config`. The layout is the one
 compressed-tensors <= 0.14 writes and vLLM versions of that era load; tests check it both ways
 against compressed-tensors 0.13's own compressor and decompressor, run from a side folder.
 

@@ -38,7 +38,12 @@ def load(
     name = str(name_or_path)
     path = Path(name).expanduser()
     if name in BUILTINS:
-        model, tok = _load_dir(builtin_path(name, cache_dir), torch_dtype, trust_remote_code)
+        cached = builtin_path(name, cache_dir)
+        try:
+            model, tok = _load_dir(cached, torch_dtype, trust_remote_code)
+        except ShearkitError as e:  # e.g. a damaged cache: say how to rebuild it
+            raise ShearkitError(f"{e} (This is the cache of the built-in '{name}': delete {cached} and shearkit "
+                                "rebuilds it on the next load.)") from None
         model.config.name_or_path = name
     elif path.suffix == ".gguf":
         if not path.is_file():

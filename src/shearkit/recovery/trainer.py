@@ -19,8 +19,9 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,9 @@ from .config import RecoverConfig
 from .data import IGNORE, StepSampler, TrainData, build_train_data, collate, pad_id
 from .lora import lora_config
 from .trainlog import TrainLog, plot_losses
+
+if TYPE_CHECKING:
+    from ..plan import Plan
 
 SCHEDULE_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 # settings that must not change between a checkpoint and the run resuming from it
@@ -162,7 +166,8 @@ def _check_teacher(model, teacher, cfg: RecoverConfig):
 def recover(model, tokenizer, config: RecoverConfig | dict | None = None, *, teacher=None,
             out_dir: str | os.PathLike | None = None, resume: bool = False,
             data_dir: str | os.PathLike | None = None,
-            on_step: Callable[[int, dict], None] | None = None, masks: Any = "auto") -> tuple[Any, dict]:
+            on_step: Callable[[int, dict], None] | None = None,
+            masks: Plan | Mapping[str, torch.Tensor] | str | None = "auto") -> tuple[Any, dict]:
     """Fine-tune LoRA adapters on a (pruned) model to recover its quality, then merge them.
 
     Args:
