@@ -137,3 +137,37 @@ def test_gguf_file_loads_like_the_builtin(tmp_path, smollm):
         torch.testing.assert_close(model(x).logits, ref(x).logits)
     model.save_pretrained(tmp_path / "saved")  # a GGUF-loaded model is saveable after conversion
     assert (tmp_path / "saved" / "config.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_weights_file_is_named(tmp_path, tiny_tokenizer, damage):
+    """A cut-off or overwritten model.safetensors: one ShearkitError naming the file, and through the
+    CLI one line and exit code 2, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    m = tmp_path / "m"
+    make_tiny("llama").save_pretrained(m)
+    tiny_tokenizer.save_pretrained(m)
+    f = m / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if damage == "truncated" else os.urandom(len(data) // 4))
+    with pytest.raises(ShearkitError, match="model.safetensors is damaged") as e:
+        shearkit.load(m, device="cpu")
+    assert str(f) in str(e.value) and "Re-save or re-download" in str(e.value)
+    r = subprocess.run([sys.executable, "-c", "from shearkit.cli import main; main()", "generate", str(m), "hi"],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "1000"})
+    assert r.returncode == 2 and str(f) in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_missing_shard_is_named(tmp_path, tiny_tokenizer):
+    m = tmp_path / "m"
+    make_tiny("llama").save_pretrained(m, max_shard_size="100KB")
+    tiny_tokenizer.save_pretrained(m)
+    shards = sorted(m.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    with pytest.raises(ShearkitError, match=f"{shards[-1].name} is missing"):
+        shearkit.load(m, device="cpu")

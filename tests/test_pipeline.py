@@ -57,12 +57,18 @@ def test_unstructured_prune_keeps_masks_through_recovery(workspace):
     invoke("prune", base, "--method", "wanda", "--ratio", "0.5", "--calib", text, "--calib-samples", 4,
            "--calib-seqlen", 16, "--tasks", text, "--eval-seqlen", 16, "--limit", 2, "--recover", 2,
            "--recover-data", instr, "--set", "recover.seqlen=128", "--set", "recover.batch_size=2", "--out", out)
-    assert (out / "masks.safetensors").exists()
+    assert (out / "masks.safetensors").exists() and (out / "model" / "sparsity" / "masks.safetensors").exists()
     model, _ = shearkit.load(out / "model", device="cpu")
     ad = shearkit.get_adapter(model)
     zeros = sum((b.mlp.output.weight == 0).sum().item() for b in ad.blocks())
     total = sum(b.mlp.output.weight.numel() for b in ad.blocks())
     assert zeros / total == pytest.approx(0.5, abs=0.01)  # recovery did not refill pruned weights
+    from shearkit.sparsity.apply import load_masks
+
+    pruned = load_masks(out)  # the zeros pruning made are exactly the zeros saved after recovery
+    assert pruned and all(torch.equal(keep, model.get_submodule(n).weight != 0) for n, keep in pruned.items())
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["recover"]["masked_layers"] == len(pruned)
 
 
 def test_dry_run_cuts_nothing(workspace):

@@ -396,6 +396,7 @@ def test_smollm_recovery_on_alpaca(smollm, data_dir):
     out, h = recover(model, tok, RecoverConfig(data="alpaca", steps=2, batch_size=2, seqlen=128, lr=1e-4),
                      data_dir=data_dir)
     assert h["stopped"] is None and 0.2 < h["losses"][0] < 5.0
+    assert h["masked_layers"] == 0  # a dense model has (next to) no zeros: plain LoRA
     ppl = perplexity(out, tok, "wikitext2", seqlen=256, limit=2, data_dir=data_dir)["ppl"]
     assert 10 < ppl < 60
 
@@ -409,17 +410,25 @@ from shearkit.recovery import recover, RecoverConfig
 torch.set_num_threads(1)
 tok = AutoTokenizer.from_pretrained({tok!r})
 cfg = RecoverConfig(data={data!r}, steps=3, batch_size=int(sys.argv[1]), seqlen=32, lr=5e-3, warmup=0, dropout=0.0)
-out, h = recover(make_tiny("llama"), tok, cfg)
+model = make_tiny("llama")
+if {sparse!r}:  # masked LoRA layers under DDP
+    import shearkit
+    shearkit.prune(model, None, "magnitude", 0.5)
+zeros = {{n: p == 0 for n, p in model.state_dict().items()}}
+out, h = recover(model, tok, cfg)
+assert all(torch.equal(out.state_dict()[n] == 0, z) for n, z in zeros.items()), "zeros changed"
 if int(os.environ.get("RANK", "0")) == 0:
-    torch.save({{"w": {{n: p.detach() for n, p in out.state_dict().items()}}, "h": [h["processes"], h["losses"]]}},
-               sys.argv[2])
+    torch.save({{"w": {{n: p.detach() for n, p in out.state_dict().items()}}, "h": [h["processes"], h["losses"],
+                h["masked_layers"]]}}, sys.argv[2])
 """
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(chat_tok, inst_file, tmp_path):
+@pytest.mark.parametrize("sparse", [False, True])
+def test_two_processes_match_one(chat_tok, inst_file, tmp_path, sparse):
     """`torchrun --nproc_per_node 2` (accelerate's DDP on CPU, gloo) with 2 sequences per process
-    gives the same losses and weights as one process with 4 sequences."""
+    gives the same losses and weights as one process with 4 sequences (a sparse model: with the
+    same zeros)."""
     import pathlib
     import subprocess
     import sys
@@ -427,7 +436,7 @@ def test_two_processes_match_one(chat_tok, inst_file, tmp_path):
     chat_tok.save_pretrained(tmp_path / "tok")
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(tests=str(pathlib.Path(__file__).parent), tok=str(tmp_path / "tok"),
-                                        data=str(inst_file)))
+                                        data=str(inst_file), sparse=sparse))
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     torchrun = pathlib.Path(sys.executable).parent / "torchrun"
     subprocess.run([sys.executable, str(script), "4", str(tmp_path / "one.pt")], check=True, env=env)
@@ -435,6 +444,7 @@ def test_two_processes_match_one(chat_tok, inst_file, tmp_path):
                    env=env, timeout=300)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one["h"][0] == 1 and two["h"][0] == 2
+    assert (one["h"][2] > 0) == sparse and two["h"][2] == one["h"][2]
     torch.testing.assert_close(torch.tensor(two["h"][1]), torch.tensor(one["h"][1]), atol=1e-5, rtol=0)
     for n, w in one["w"].items():
         torch.testing.assert_close(two["w"][n], w, atol=1e-5, rtol=1e-4)

@@ -85,12 +85,17 @@ def test_plan_round_trip_and_reapply_from_masks(tmp_path, method):
     opts = FAST_BESA if method == "besa" else {}
     plan = shearkit.prune(model, None, method, 0.5, calib=_calib(), **opts)
     plan.save(tmp_path / "plan.json")
-    assert set(plan._masks) == set(masks_from_model(model, plan))  # the run's masks equal the zeros
-    assert all(torch.equal(plan._masks[k], v) for k, v in masks_from_model(model, plan).items())
-    save_masks(plan._masks, tmp_path)
-    plan2 = Plan.load(tmp_path)
+    assert set(plan.masks) == set(masks_from_model(model, plan))  # the run's masks equal the zeros
+    assert all(torch.equal(plan.masks[k], v) for k, v in masks_from_model(model, plan).items())
+    assert (tmp_path / "masks.safetensors").is_file()  # saved with the plan, beside plan.json
+    plan2 = Plan.load(tmp_path)  # ... and loaded with it
     assert plan2.layers == plan.layers and plan2.base["fingerprint"] == plan.base["fingerprint"]
-    apply_plan(base, plan2, masks=load_masks(tmp_path))
+    apply_plan(base, plan2)
+    for (k, a), (_, b) in zip(base.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), k
+    save_masks(plan.masks, tmp_path / "other")  # masks given explicitly still work
+    base = make_tiny("llama")
+    apply_plan(base, Plan.load(tmp_path), masks=load_masks(tmp_path / "other"))
     for (k, a), (_, b) in zip(base.state_dict().items(), model.state_dict().items()):
         assert torch.equal(a, b), k
 
@@ -100,7 +105,7 @@ def test_reapply_sparsegpt_masks_restores_zeros_not_weights(caplog):
     model = copy.deepcopy(base)
     plan = shearkit.prune(model, None, "sparsegpt", 0.5, calib=_calib())
     with caplog.at_level("INFO", logger="shearkit.sparsity.apply"):
-        apply_plan(base, plan, masks=plan._masks)
+        apply_plan(base, plan)
     assert "updated the kept weights" in caplog.text
     ref = get_adapter(model).block_view(0).attn.q.weight
     got = get_adapter(base).block_view(0).attn.q.weight
@@ -112,8 +117,9 @@ def test_apply_plan_refuses_other_model_and_missing_masks():
     plan = shearkit.prune(m, None, "magnitude", 0.5)
     with pytest.raises(ShearkitError, match="fingerprint"):
         apply_plan(make_tiny("llama", seed=1), plan, masks={})
-    with pytest.raises(ShearkitError, match="masks"):
-        apply_plan(make_tiny("llama"), plan, masks=None)
+    plan.masks = None  # a plan whose masks file is missing
+    with pytest.raises(ShearkitError, match="carries no masks"):
+        apply_plan(make_tiny("llama"), plan)
 
 
 def test_dry_run_leaves_model_unchanged():

@@ -65,8 +65,7 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
                                 "ratio_achieved": plan.ratio_achieved, "wall_s": time.perf_counter() - t0,
                                 "peak_memory_bytes": pm.peak, "peak_memory_kind": "cuda_max_allocated"
                                 if device.type == "cuda" else "process_rss"}
-            plan.save(run.path / "plan.json")
-            _save_plan_sidecars(plan, run)
+            plan.save(run.path / "plan.json")  # an unstructured plan's masks go beside it
             run.log(f"plan: ratio achieved {plan.ratio_achieved:.4f}")
             if dry_run:
                 run.write_metrics(metrics)
@@ -83,12 +82,10 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
             if getattr(rcfg, "distill_weight", 0):
                 teacher = api.load(mc.name, device=mc.device, dtype=mc.dtype, cache_dir=mc.cache_dir)[0]
             t0 = time.perf_counter()
-            model, history = recover(model, tok, rcfg, teacher=teacher, out_dir=run.path, data_dir=data_dir)
+            # a sparse model keeps its zeros: LoRA is trained and merged under the plan's masks
+            model, history = recover(model, tok, rcfg, teacher=teacher, out_dir=run.path, data_dir=data_dir,
+                                     masks=plan if plan is not None else "auto")
             metrics["recover"] = {**_plain(history), "wall_s": time.perf_counter() - t0}
-            if plan is not None and plan.kind == "unstructured":  # recovery must not refill pruned weights
-                from .pruning import apply_plan
-
-                apply_plan(model, plan, check=False, masks=getattr(plan, "_masks", None))
         echo("[5/5] evaluating and saving")
         metrics["tasks"] = evaluate(model)
         metrics["params"] = get_adapter(model).param_counts()
@@ -103,15 +100,6 @@ def _plain(history: Any) -> dict:
     if isinstance(history, dict):
         return {k: v for k, v in history.items() if k != "log"}
     return {"history": str(history)}
-
-
-def _save_plan_sidecars(plan, run: RunDir) -> None:
-    """Unstructured plans keep their masks beside plan.json (masks.safetensors)."""
-    masks = getattr(plan, "_masks", None)
-    if masks:
-        from .sparsity.apply import save_masks
-
-        save_masks(masks, run.path / "masks.safetensors")
 
 
 def _save_model(model, tok, run: RunDir, plan, metrics: dict, save_format: str) -> None:

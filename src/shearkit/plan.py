@@ -4,13 +4,20 @@ A plan names structures by layer index and kind (never by object identity), carr
 model's identity (name and a fingerprint of its weights, so an instruct model is told from its
 base and a recovered model from its parent) and the exact ratio achieved. It can be saved,
 shown as a table, and applied again to the same base model.
+
+An unstructured plan also carries its keep-masks (`masks`, one bit per weight): they are saved
+beside plan.json (the file named by `masks_file`) and loaded with it, or, when that file is
+absent, derived from the pruned model's zeros (`Plan.load(path, model=...)`).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
+import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +25,8 @@ from typing import Any
 from ._version import __version__
 from .errors import ShearkitError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: masks_file
+log = logging.getLogger(__name__)
 
 
 def fingerprint(model) -> str:
@@ -43,7 +51,8 @@ class Plan:
     `{"heads": [...], "kv_groups": [...], "mlp_channels": [...]}` (removed indices) for
     structured methods, or `{"sparsity": {"self_attn.q_proj": 0.5, ...}, "pattern": "2:4"}`
     for unstructured ones. `blocks` lists removed blocks; `replaced` maps a replaced block to
-    the block whose weights it shares.
+    the block whose weights it shares. `masks` (unstructured plans): full module name -> (out,
+    in) keep-mask, saved beside plan.json as `masks_file`, not inside the JSON.
     """
 
     method: str
@@ -60,6 +69,8 @@ class Plan:
     schema_version: int = SCHEMA_VERSION
     shearkit_version: str = __version__
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    masks_file: str | None = None  # where `masks` were saved, relative to plan.json
+    masks: Mapping[str, Any] | None = field(default=None, repr=False, compare=False, metadata={"json": False})
 
     # -- identity ---------------------------------------------------------------------------
     @staticmethod
@@ -87,35 +98,62 @@ class Plan:
 
     # -- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The JSON record (without the masks themselves, which are saved to their own file)."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.metadata.get("json", True)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
         if d.get("schema_version", 1) > SCHEMA_VERSION:
             raise ShearkitError(f"Plan schema {d['schema_version']} is newer than this shearkit reads "
                                 f"({SCHEMA_VERSION}); upgrade shearkit.")
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls) if f.metadata.get("json", True)}
         unknown_keys = set(d) - names
         if unknown_keys:
             raise ShearkitError(f"Plan has unknown keys: {', '.join(sorted(unknown_keys))}.")
         return cls(**d)
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, masks_file: str | None = None) -> None:
+        """Write plan.json at `path` and, when the plan has masks, the masks beside it (as
+        `masks_file`, relative to `path`'s folder; default `masks.safetensors`)."""
         from .io.atomic import write_json
 
-        write_json(path, self.to_dict())
+        path = Path(path)
+        d = {**self.to_dict(), "schema_version": SCHEMA_VERSION, "masks_file": None}  # written as this version
+        if self.masks:
+            from .sparsity.apply import MASKS_FILE, save_masks
+
+            d["masks_file"] = masks_file or MASKS_FILE
+            save_masks(self.masks, path.parent / d["masks_file"])
+        write_json(path, d)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
+    def load(cls, path: str | Path, model=None) -> "Plan":
+        """Read plan.json (`path` or a directory holding it) with its masks.
+
+        The masks come from the file the plan names (or, for plans written before it named one, a
+        `masks.safetensors` beside it); when that is absent and `model` (the pruned model) is
+        given, an unstructured plan's masks are derived from the model's zeros.
+        """
         p = Path(path)
         if p.is_dir():
             p = p / "plan.json"
         if not p.exists():
             raise ShearkitError(f"Plan file not found: {p}")
         try:
-            return cls.from_dict(json.loads(p.read_text()))
+            plan = cls.from_dict(json.loads(p.read_text()))
         except json.JSONDecodeError as e:
             raise ShearkitError(f"{p} is not a valid plan (JSON error: {e}).") from None
+        if plan.kind == "unstructured":
+            from .sparsity.apply import MASKS_FILE, load_masks, masks_from_model
+
+            file = p.parent / (plan.masks_file or MASKS_FILE)
+            if file.is_file():
+                plan.masks = load_masks(file)
+            elif model is not None:
+                log.info("%s: no masks file (%s); the masks are the model's zeros.", p, file.name)
+                plan.masks = masks_from_model(model, plan)
+        return plan
 
     # -- display ----------------------------------------------------------------------------
     def summary_rows(self) -> list[list[Any]]:

@@ -70,7 +70,8 @@ def calib_tokens(tokenizer, calib, data_dir=None):
 
 
 def apply_plan(model, plan: Plan, *, check: bool = True, masks: dict | None = None):
-    """Apply a plan to its base model (structured: slice; unstructured: zero with the saved masks).
+    """Apply a plan to its base model (structured: slice; unstructured: zero with its masks, or
+    `masks` when given).
 
     With `check`, a plan made for another model is refused.
     """

@@ -39,6 +39,9 @@ def recover_cmd(
 ) -> None:
     """Recover a (pruned) model with LoRA and save the merged model in <run>/model.
 
+    A sparse model keeps exactly its zeros (LoRA is trained and merged under its masks: those
+    saved with its plan, else its zeros).
+
     Example: shearkit recover runs/lp20/model --data alpaca --steps 200 --out runs/lp20-rec
     """
     from ..errors import ShearkitError
@@ -98,10 +101,12 @@ def run_recover(r, out: Optional[str], overwrite: bool, resume: bool = False, te
             run.log(f"loading teacher {teacher}")
             tmodel = api.load(teacher, device=mc.device, dtype=mc.dtype, cache_dir=mc.cache_dir,
                               trust_remote_code=mc.trust_remote_code)[0]
+        plan = input_plan(mc.name, model)
         model, history = recover(model, tok, rc, teacher=tmodel, out_dir=run.path, resume=resume,
-                                 data_dir=rc.data_dir)
-        run.log(f"recovery: {history['budget']['statement']}; stopped={history['stopped']}")
-        saver = save_model(model, tok, run.path / "model", source=mc.name, evals=history.get("eval") or {},
+                                 data_dir=rc.data_dir, masks=plan if plan is not None else "auto")
+        run.log(f"recovery: {history['budget']['statement']}; stopped={history['stopped']}; "
+                f"{history['masked_layers']} layers kept their zeros")
+        saver = save_model(model, tok, run.path / "model", plan=plan, evals=history.get("eval") or {},
                            overwrite=resume)  # a resumed run replaces only its own output
         metrics = {"model": mc.name, "saved_with": saver,
                    "recover": {k: v for k, v in history.items() if k != "losses"}}
@@ -110,30 +115,26 @@ def run_recover(r, out: Optional[str], overwrite: bool, resume: bool = False, te
         return metrics
 
 
-def save_model(model, tokenizer, path: Path, source: str | None = None, evals: dict | None = None,
+def input_plan(source: str, model):
+    """The plan saved with an input model directory (with its masks, or masks from the model's
+    zeros when the masks file is absent), or None."""
+    from ..plan import Plan
+
+    path = Path(source).expanduser()
+    if not (path / "plan.json").is_file():
+        return None
+    return Plan.load(path, model=model)
+
+
+def save_model(model, tokenizer, path: Path, plan=None, evals: dict | None = None,
                overwrite: bool = False) -> str:
     """Save the recovered model with shearkit's saver (per-layer widths, provenance, card).
 
-    The plan of a pruned input model (its `plan.json`) is carried over, and the last perplexities
-    measured during recovery go into the card. Falls back to `save_pretrained` (uniform widths
-    only) when `shearkit.io.save` is not available. Returns which saver ran.
+    The plan of a pruned input model (see `input_plan`) is carried over with its masks, and the
+    last perplexities measured during recovery go into the card. Returns which saver ran.
     """
-    try:
-        from ..io.save import save
-    except ModuleNotFoundError as e:
-        if e.name != "shearkit.io.save":
-            raise
-        from ..io.atomic import atomic_dir
+    from ..io.save import save
 
-        with atomic_dir(path, overwrite=overwrite) as tmp:
-            model.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-        return "save_pretrained"
-    from ..plan import Plan
-
-    plan = None
-    if source and (Path(source) / "plan.json").is_file():
-        plan = Plan.load(Path(source) / "plan.json")
     numeric = [k for k in (evals or {}) if isinstance(k, int)]
     last = (evals or {}).get(max(numeric)) if numeric else None
     metrics = {task: {"ppl": v, "when": "after recovery"} for task, v in last.items()} if last else None

@@ -5,8 +5,9 @@ loads (and so vLLM and llama.cpp's converter, which read the same keys). Per-lay
 `shearkit_layer_shapes` to the config and write `modeling_shearkit.py` beside the weights, with
 `auto_map` pointing at it: `shearkit.load(path)` and `from_pretrained(path,
 trust_remote_code=True)` then both load it, identically. Weights are safetensors only. Beside
-them: the tokenizer, the generation config, `plan.json`, `shearkit.json` (provenance),
-`metrics.json` when given and a short `README.md` model card. Everything is written into a
+them: the tokenizer, the generation config, `plan.json` (an unstructured plan's masks in
+`sparsity/masks.safetensors`), `shearkit.json` (provenance), `metrics.json` when given and a
+short `README.md` model card. Everything is written into a
 temporary directory that is renamed into place when complete.
 """
 from __future__ import annotations
@@ -42,8 +43,10 @@ def save(model, tokenizer, path: str | os.PathLike, plan: Plan | None = None, me
         overwrite: replace an existing `path` (only once the new directory is complete).
 
     Returns:
-        The directory written. Raises ShearkitError when `path` is the model's own source directory.
+        The directory written. Raises ShearkitError when `path` is the model's own source directory,
+        or when an unstructured plan is given for a model that lost the zeros its masks record.
     """
+    from ..sparsity.apply import MODEL_MASKS_FILE, check_plan_zeros
     from ..surgery.sync import _base_class, sync_config
 
     target = Path(path).expanduser()
@@ -54,6 +57,8 @@ def save(model, tokenizer, path: str | os.PathLike, plan: Plan | None = None, me
     if src and Path(src).expanduser().exists() and Path(src).expanduser().resolve() == target.resolve():
         raise ShearkitError(f"{target} is the directory the model was loaded from; shearkit never overwrites an "
                             "input model. Choose another output path.")
+    if plan is not None:
+        check_plan_zeros(m, plan)
     export = sync_config(m)
     base_name = _base_class(m).__name__
     with atomic_dir(target, overwrite=overwrite) as tmp:
@@ -75,8 +80,8 @@ def save(model, tokenizer, path: str | os.PathLike, plan: Plan | None = None, me
         write_json(cfg_path, cfg)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if plan is not None:
-            plan.save(tmp / "plan.json")
+        if plan is not None:  # masks in a sub-folder: engines read every top-level *.safetensors as weights
+            plan.save(tmp / "plan.json", masks_file=MODEL_MASKS_FILE)
         if metrics:
             write_json(tmp / "metrics.json", metrics)
         prov = provenance(m, plan, export)
@@ -93,11 +98,16 @@ def provenance(model, plan: Plan | None, export: str) -> dict[str, Any]:
     from ..arch import get_adapter
 
     counts = get_adapter(model).param_counts()
+    sparsity = None
+    if plan is not None and plan.kind == "unstructured":
+        from ..sparsity.apply import measured_sparsity
+
+        sparsity = measured_sparsity(model, plan)
     return {"shearkit_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "export": export, "loads_with": _loads_with(export), "fingerprint": fingerprint(model),
             "params": counts, "base": plan.base if plan else None, "method": plan.method if plan else None,
             "ratio_target": plan.ratio_target if plan else None,
-            "ratio_achieved": plan.ratio_achieved if plan else None,
+            "ratio_achieved": plan.ratio_achieved if plan else None, "sparsity_measured": sparsity,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "python": platform.python_version()}}
 
@@ -116,6 +126,12 @@ def model_card(prov: dict[str, Any], plan: Plan | None, metrics: dict | None) ->
     if plan is not None:
         lines.append(f"- Method: `{plan.method}` ({plan.kind}); ratio target {plan.ratio_target:.4f}, "
                      f"achieved {plan.ratio_achieved:.4f} of the decoder blocks' parameters")
+    if prov.get("sparsity_measured") is not None:
+        from ..sparsity.apply import MODEL_MASKS_FILE
+
+        where = f"; masks in `{MODEL_MASKS_FILE}`" if plan is not None and plan.masks else ""
+        lines.append(f"- Sparsity of the pruned layers, measured on these weights: {prov['sparsity_measured']:.4f} "
+                     f"(exact zeros{where})")
     p = prov["params"]
     lines.append(f"- Parameters: {p['unique']:,} total, {p['blocks']:,} in decoder blocks")
     lines.append(f"- Export: {prov['export']} widths; loads with {prov['loads_with']}")

@@ -12,7 +12,9 @@
 
 Note on versions: compressed-tensors 0.15+ (0.20 is installed) keeps these config classes and
 bit helpers but dropped the sparse compressors themselves (and transformers' loader no longer
-decompresses them), so `load_compressed` here performs the decompression. The layout is the one
+decompresses them: it loads such a folder with those weights newly initialised), so
+`load_compressed_model` here performs the decompression, and `shearkit.load` uses it for every
+folder whose config carries a compressed-tensors `sparsity_config`. The layout is the one
 compressed-tensors <= 0.14 writes and vLLM versions of that era load; tests check it both ways
 against compressed-tensors 0.13's own compressor and decompressor, run from a side folder.
 
@@ -31,6 +33,7 @@ from ..errors import ShearkitError
 from .atomic import atomic_dir
 
 FORMATS = ("auto", "sparse-bitmask", "sparse-24-bitmask")
+READ_FORMATS = ("sparse-bitmask", "sparse-24-bitmask", "dense")  # "dense": zeros stored as they are
 _PARAMS = ("shape", "compressed", "bitmask", "row_offsets")
 
 
@@ -99,15 +102,21 @@ def save_compressed(model, tokenizer, out: str | os.PathLike, fmt: str = "auto",
         fmt: "auto" (2:4 layout when every target weight is 2:4, else bitmask),
             "sparse-bitmask" or "sparse-24-bitmask".
         plan: the plan that made the model; when given, it is written beside the weights
-            (plan.json) so the saved model records how it was pruned.
+            (plan.json, its masks in sparsity/masks.safetensors) so the saved model records how
+            it was pruned.
     """
     from compressed_tensors import __version__ as ct_version
     from compressed_tensors.config import BitmaskConfig, Sparse24BitMaskConfig
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from ..sparsity.apply import MODEL_MASKS_FILE, check_plan_zeros
+    from .weights import weight_files
+
     if fmt not in FORMATS:
         raise ShearkitError(f"Unknown sparse format '{fmt}'; choose one of {', '.join(FORMATS)}.")
+    if plan is not None:
+        check_plan_zeros(model, plan)
     targets = sparse_targets(model)
     weights = {f"{t}.weight": model.get_submodule(t).weight for t in targets}
     if fmt == "auto":
@@ -123,7 +132,7 @@ def save_compressed(model, tokenizer, out: str | os.PathLike, fmt: str = "auto",
             tokenizer.save_pretrained(tmp)
         index_file = tmp / "model.safetensors.index.json"
         index = json.loads(index_file.read_text()) if index_file.exists() else None
-        for shard in sorted(tmp.glob("*.safetensors")):
+        for shard in weight_files(tmp):
             tensors, meta = {}, None
             with safe_open(str(shard), "pt") as f:
                 meta = f.metadata()
@@ -147,17 +156,25 @@ def save_compressed(model, tokenizer, out: str | os.PathLike, fmt: str = "auto",
         config["quantization_config"] = {"version": ct_version, "quant_method": "compressed-tensors",
                                          "sparsity_config": scfg.model_dump(), "transform_config": {}}
         cfg_file.write_text(json.dumps(config, indent=2, sort_keys=True))
-        if plan is not None:
-            plan.save(tmp / "plan.json")
+        if plan is not None:  # with its masks, in a sub-folder that weight loaders do not read
+            plan.save(tmp / "plan.json", masks_file=MODEL_MASKS_FILE)
     return Path(out)
+
+
+def is_compressed(config: dict) -> bool:
+    """True when a config.json (as a dict) marks a compressed-tensors sparse model."""
+    q = config.get("quantization_config") or {}
+    return q.get("quant_method") == "compressed-tensors" and bool(q.get("sparsity_config"))
 
 
 def decompress_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a folder written by `save_compressed` back into a dense state dict."""
     from safetensors import safe_open
 
+    from .weights import check_weight_files
+
     raw: dict[str, torch.Tensor] = {}
-    for shard in sorted(Path(path).glob("*.safetensors")):
+    for shard in check_weight_files(path):
         with safe_open(str(shard), "pt") as f:
             raw.update({k: f.get_tensor(k) for k in f.keys()})
     grouped: dict[str, dict[str, torch.Tensor]] = {}
@@ -173,14 +190,24 @@ def decompress_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dense
 
 
-def load_compressed(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None):
-    """Load a model saved by `save_compressed` (decompressed to dense weights) and its tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
+    """The model of a compressed-tensors sparse folder, decompressed to dense weights (zeros where
+    the bitmasks say), on the CPU in eval mode. `dtype` None keeps the stored weights' dtype."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .weights import read_config
 
     path = Path(path)
-    cfg_data = json.loads((path / "config.json").read_text())
-    if "sparsity_config" not in cfg_data.get("quantization_config", {}):
+    cfg_data = read_config(path)
+    if not is_compressed(cfg_data):
         raise ShearkitError(f"{path} has no compressed-tensors sparsity_config; load it with shearkit.load.")
+    if cfg_data["quantization_config"].get("config_groups"):
+        raise ShearkitError(f"{path} is a quantized compressed-tensors model; shearkit reads only the sparse "
+                            "layouts (sparse-bitmask, sparse-24-bitmask) without quantization.")
+    fmt = cfg_data["quantization_config"]["sparsity_config"].get("format")
+    if fmt not in READ_FORMATS:
+        raise ShearkitError(f"{path} uses the compressed-tensors format '{fmt}'; shearkit reads "
+                            f"{', '.join(READ_FORMATS)}.")
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -195,6 +222,16 @@ def load_compressed(path: str | os.PathLike, device: str = "cpu", dtype: torch.d
     if unexpected or set(missing) - tied:
         raise ShearkitError(f"{path} does not match its config: missing {sorted(set(missing) - tied)[:5]}, "
                             f"unexpected {sorted(unexpected)[:5]}.")
+    model.config.name_or_path = str(path)
+    return model.eval()
+
+
+def load_compressed(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None):
+    """Load a model saved by `save_compressed` (decompressed to dense weights) and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    model = load_compressed_model(path, dtype)
     tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     return model.to(device).eval(), tok
 

@@ -38,7 +38,12 @@ def load(
     name = str(name_or_path)
     path = Path(name).expanduser()
     if name in BUILTINS:
-        model, tok = _load_dir(builtin_path(name, cache_dir), torch_dtype, trust_remote_code)
+        cached = builtin_path(name, cache_dir)
+        try:
+            model, tok = _load_dir(cached, torch_dtype, trust_remote_code)
+        except ShearkitError as e:  # e.g. a damaged cache: say how to rebuild it
+            raise ShearkitError(f"{e} (This is the cache of the built-in '{name}': delete {cached} and shearkit "
+                                "rebuilds it on the next load.)") from None
         model.config.name_or_path = name
     elif path.suffix == ".gguf":
         if not path.is_file():
@@ -63,14 +68,20 @@ def load(
 def _load_dir(path: Path, torch_dtype, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..io.modeling import load_shearkit_model, is_shearkit_model
+    from ..io.modeling import LAYER_SHAPES_KEY, load_shearkit_model
+    from ..io.sparse_export import is_compressed, load_compressed_model
+    from ..io.weights import check_weight_files, read_config
 
-    if is_shearkit_model(path) and not trust_remote_code:
+    config = read_config(path)
+    weights = check_weight_files(path)  # a damaged file is named here, not deep inside transformers
+    if not weights:
+        raise ShearkitError(f"{path} holds no .safetensors weights; shearkit loads safetensors only (never "
+                            "pickled .bin files). Convert the checkpoint to safetensors first.")
+    if is_compressed(config):  # written with --save-format compressed-tensors: decompress
+        model = load_compressed_model(path, torch_dtype)
+    elif LAYER_SHAPES_KEY in config and not trust_remote_code:
         model = load_shearkit_model(path, torch_dtype)
     else:
-        if not any(path.glob("*.safetensors")):
-            raise ShearkitError(f"{path} holds no .safetensors weights; shearkit loads safetensors only (never "
-                                "pickled .bin files). Convert the checkpoint to safetensors first.")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
                                                      use_safetensors=True)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

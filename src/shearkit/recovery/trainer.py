@@ -10,14 +10,18 @@ Lifecycle of one optimizer step `s` (1-based in logs):
    `divergence_patience` steps, stops training and restores the last adapter weights whose
    loss was finite and in range;
 3. clip, optimizer and scheduler step; log; evaluate / checkpoint at their intervals.
+
+A sparse model keeps its zeros: the LoRA layers over its sparse weights apply their update
+through the weights' keep-masks (`masked.py`) in training, evaluation and merge.
 """
 from __future__ import annotations
 
 import math
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,9 @@ from .config import RecoverConfig
 from .data import IGNORE, StepSampler, TrainData, build_train_data, collate, pad_id
 from .lora import lora_config
 from .trainlog import TrainLog, plot_losses
+
+if TYPE_CHECKING:
+    from ..plan import Plan
 
 SCHEDULE_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 # settings that must not change between a checkpoint and the run resuming from it
@@ -159,7 +166,8 @@ def _check_teacher(model, teacher, cfg: RecoverConfig):
 def recover(model, tokenizer, config: RecoverConfig | dict | None = None, *, teacher=None,
             out_dir: str | os.PathLike | None = None, resume: bool = False,
             data_dir: str | os.PathLike | None = None,
-            on_step: Callable[[int, dict], None] | None = None) -> tuple[Any, dict]:
+            on_step: Callable[[int, dict], None] | None = None,
+            masks: Plan | Mapping[str, torch.Tensor] | str | None = "auto") -> tuple[Any, dict]:
     """Fine-tune LoRA adapters on a (pruned) model to recover its quality, then merge them.
 
     Args:
@@ -173,6 +181,11 @@ def recover(model, tokenizer, config: RecoverConfig | dict | None = None, *, tea
         resume: continue from the newest checkpoint under `out_dir/recovery` (fresh if none).
         data_dir: the local data directory (default: `config.data_dir`, then $SHEARKIT_DATA).
         on_step: called as `on_step(step, record)` after every optimizer step.
+        masks: the zeros to keep (LoRA is trained, evaluated and merged under them, so the
+            merged weights have exactly the same zeros): the model's pruning `Plan` (its masks,
+            or the model's zeros in the layers it sparsified), a mapping of module name ->
+            (out, in) keep-mask, "auto" (default: the adapted weights' zeros, when at least 1%
+            of them are zero) or None (a dense update, which fills pruned weights).
 
     Returns:
         (model, history): the merged model (`config.merge`, default) or the peft model, and a
@@ -184,7 +197,8 @@ def recover(model, tokenizer, config: RecoverConfig | dict | None = None, *, tea
     from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import get_scheduler
 
-    from ..plan import fingerprint
+    from ..plan import Plan, fingerprint
+    from .masked import mask_lora_layers, plan_masks, rezero
 
     cfg = _resolve_config(config)
     if resume and out_dir is None:
@@ -199,6 +213,8 @@ def recover(model, tokenizer, config: RecoverConfig | dict | None = None, *, tea
                             "to continue it, or choose another output directory.")
 
     is_peft = isinstance(model, PeftModel)
+    if isinstance(masks, Plan):
+        masks = plan_masks(model.get_base_model() if is_peft else model, masks)
     lcfg = None if is_peft else lora_config(model, cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules)
     base_fp = fingerprint(model)
     was_training = model.training
@@ -209,6 +225,7 @@ def recover(model, tokenizer, config: RecoverConfig | dict | None = None, *, tea
     if cfg.gradient_checkpointing:
         _checkpointing(model, True)
     peft_model = model if is_peft else get_peft_model(model, lcfg)
+    kept = mask_lora_layers(peft_model, masks)
     params = list(_adapter_params(peft_model).values())
     if not params:
         raise ShearkitError("The model has no trainable adapter parameters.")
@@ -249,7 +266,7 @@ def recover(model, tokenizer, config: RecoverConfig | dict | None = None, *, tea
     good = {n: p.detach().clone() for n, p in _adapter_params(peft_model).items()}
     good_step = start
     history: dict[str, Any] = {"losses": [], "eval": {}, "stopped": None, "stopped_at": None, "stop_loss": None,
-                               "restored_to_step": None, "resumed_from": resumed_from}
+                               "restored_to_step": None, "resumed_from": resumed_from, "masked_layers": len(kept)}
 
     eval_time = [0.0]
 
@@ -334,13 +351,18 @@ def recover(model, tokenizer, config: RecoverConfig | dict | None = None, *, tea
 
             with atomic_dir(root / "adapter", overwrite=True) as tmp:
                 peft_model.save_pretrained(str(tmp))
+                if kept:  # the adapters apply only through these masks
+                    from ..sparsity.apply import save_masks
+
+                    save_masks(kept, tmp)
             history["adapter_dir"] = str(root / "adapter")
     acc.wait_for_everyone()
     if cfg.gradient_checkpointing:
         _checkpointing(peft_model.get_base_model(), False)
     result = peft_model
     if cfg.merge:
-        result = peft_model.merge_and_unload()
+        result = peft_model.merge_and_unload()  # masked layers merge their masked update
+        rezero(result, kept)
         for n, p in result.named_parameters():
             p.requires_grad_(grad_flags.get(n, p.requires_grad))
         result.train(was_training)

@@ -1,9 +1,13 @@
-"""Re-applying an unstructured plan: masks in a bit-packed sidecar, `masks.safetensors`.
+"""An unstructured plan's keep-masks: held bit-packed, saved beside plan.json, re-applied.
 
 A plan's JSON records each layer's sparsity and pattern; the masks themselves (one bit per
-weight, 1/16 the size of a bf16 weight) go beside it so the exact zeros can be written into the
-base model again. Masks are kept in the (out, in) orientation of `LinearRef.weight`, keyed by
-the full module name, and packed along the input axis with `numpy.packbits`.
+weight, 1/16 the size of a bf16 weight) are a declared field of the plan (`Plan.masks`), saved
+beside plan.json (`masks.safetensors` in a run directory, `sparsity/masks.safetensors` in a
+model directory, where weight loaders that read every top-level `*.safetensors` do not see
+them) so the exact zeros can be written into the base model again, and kept through recovery.
+A plan whose masks file is absent gets them from the pruned model's zeros (`masks_from_model`).
+Masks are kept in the (out, in) orientation of `LinearRef.weight`, keyed by the full module
+name, and packed along the input axis with `numpy.packbits`.
 """
 from __future__ import annotations
 
@@ -19,22 +23,23 @@ import torch
 
 from ..arch import get_adapter
 from ..errors import ShearkitError
-from .layers import block_linears
+from .layers import LinearRef, block_linears
 
 MASKS_FILE = "masks.safetensors"
+MODEL_MASKS_FILE = f"sparsity/{MASKS_FILE}"  # in a saved model directory, relative to its plan.json
 log = logging.getLogger(__name__)
 
 
 class PackedMasks(Mapping):
     """Keep-masks held bit-packed in memory (1 bit per weight), unpacked on access.
 
-    Methods attach one to their plan as `plan._masks` so that a run can save the sidecar and
-    re-apply the zeros after recovery without holding a byte per weight.
+    The sparsity methods return one as their plan's `masks`, so that a run can save them and
+    keep the zeros through recovery without holding a byte per weight.
     """
 
-    def __init__(self) -> None:
-        self._packed: dict[str, torch.Tensor] = {}
-        self._shapes: dict[str, list[int]] = {}
+    def __init__(self, packed: dict[str, torch.Tensor] | None = None, shapes: dict[str, list[int]] | None = None):
+        self._packed: dict[str, torch.Tensor] = dict(packed or {})
+        self._shapes: dict[str, list[int]] = dict(shapes or {})
 
     def add(self, name: str, keep: torch.Tensor) -> None:
         a = keep.detach().to("cpu", torch.bool).numpy()
@@ -56,16 +61,63 @@ class PackedMasks(Mapping):
         return dict(self._packed), {"format": "shearkit-packed-masks", "shapes": json.dumps(self._shapes)}
 
 
-def masks_from_model(model, plan) -> dict[str, torch.Tensor]:
+def masks_from_model(model, plan) -> PackedMasks:
     """The keep-masks (weight != 0) of every layer a plan sparsified, by full module name."""
-    ad = get_adapter(model)
-    out: dict[str, torch.Tensor] = {}
-    for li, entry in plan.layers.items():
-        refs = block_linears(ad.block_view(int(li)))
-        for rel in entry.get("sparsity", {}):
-            ref = refs[rel]
-            out[ref.name] = (ref.weight.detach() != 0).cpu()
+    out = PackedMasks()
+    for ref in plan_linears(model, plan):
+        out.add(ref.name, ref.weight.detach() != 0)
     return out
+
+
+def plan_linears(model, plan) -> list[LinearRef]:
+    """The weight matrices an unstructured plan sparsified, found in `model`."""
+    ad = get_adapter(model)
+    refs: list[LinearRef] = []
+    for li, entry in plan.layers.items():
+        if int(li) >= ad.num_layers:
+            raise ShearkitError(f"The plan sparsified layer {li}, but the model has {ad.num_layers} layers; "
+                                "it is not the plan's model.")
+        found = block_linears(ad.block_view(int(li)))
+        for rel in entry.get("sparsity", {}):
+            if rel not in found:
+                raise ShearkitError(f"The plan sparsified layer {li} '{rel}', which the model does not have; "
+                                    "it is not the plan's model.")
+            refs.append(found[rel])
+    return refs
+
+
+def measured_sparsity(model, plan) -> float:
+    """Fraction of exact zeros in the weights an unstructured plan sparsified, as the model is now."""
+    zeros = total = 0
+    for ref in plan_linears(model, plan):
+        zeros += int((ref.weight == 0).sum())
+        total += ref.weight.numel()
+    return zeros / max(total, 1)
+
+
+@torch.no_grad()
+def check_plan_zeros(model, plan) -> None:
+    """Refuse a model that lost zeros its unstructured plan's masks record (e.g. to a dense merge of
+    LoRA), so that a saved plan.json and model card never claim a sparsity the weights lack."""
+    if plan.kind != "unstructured":
+        return
+    if plan.masks is None:  # no masks to compare with: at least the count of zeros must hold
+        now = measured_sparsity(model, plan)
+        if now < plan.ratio_achieved - 1e-9:
+            raise ShearkitError(f"The layers this plan sparsified are {now:.4f} zeros, not the {plan.ratio_achieved:.4f} "
+                                "it records: the model lost its sparsity (was it recovered without its masks?). "
+                                "Save it without the plan, or prune it again.")
+        return
+    for ref in plan_linears(model, plan):
+        keep = plan.masks.get(ref.name)
+        if keep is None:
+            continue
+        lost = int((ref.weight[~keep.to(ref.weight.device)] != 0).sum())
+        if lost:
+            raise ShearkitError(
+                f"{ref.name} has {lost} non-zero weights where its plan pruned them: the model no longer has "
+                f"the sparsity the plan records (was it recovered without its masks?). Re-apply them with "
+                "shearkit.apply_plan(model, plan, check=False), or save the model without the plan.")
 
 
 def pack_masks(masks: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -107,9 +159,11 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike) -> Pa
     return path
 
 
-def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read masks written by `save_masks` (a file or the run directory holding it)."""
+def load_masks(path: str | os.PathLike) -> PackedMasks:
+    """Read masks written by `save_masks` (a file or the run directory holding it), kept bit-packed."""
     from safetensors import safe_open
+
+    from ..io.weights import check_safetensors
 
     path = Path(path)
     if path.is_dir():
@@ -117,25 +171,28 @@ def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise ShearkitError(f"Mask file not found: {path}. Unstructured plans are re-applied from the "
                             f"{MASKS_FILE} written beside plan.json.")
+    check_safetensors(path, "mask file")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != "shearkit-packed-masks":
             raise ShearkitError(f"{path} is not a shearkit mask file.")
         packed = {k: f.get_tensor(k) for k in f.keys()}
-    return unpack_masks(packed, meta)
+    return PackedMasks(packed, json.loads(meta["shapes"]))
 
 
 @torch.no_grad()
-def apply_masks(model, plan, masks: Mapping[str, torch.Tensor] | str | os.PathLike | None) -> None:
-    """Zero the weights a plan pruned, from its masks (a mapping or a path to the sidecar).
+def apply_masks(model, plan, masks: Mapping[str, torch.Tensor] | str | os.PathLike | None = None) -> None:
+    """Zero the weights a plan pruned, from its masks (the plan's own by default, a mapping, or a path).
 
     For plans whose method also changed the kept weights (SparseGPT) the masks reproduce the
     sparsity pattern, not the updated weights (right for re-zeroing after recovery; to get
     the pruned model itself, load the saved one). That is logged.
     """
     if masks is None:
-        raise ShearkitError("An unstructured plan is applied from its masks: pass masks=load_masks(run_dir) "
-                            f"(the {MASKS_FILE} saved beside plan.json).")
+        masks = plan.masks
+    if masks is None:
+        raise ShearkitError("This unstructured plan carries no masks (the masks file saved beside its plan.json "
+                            "is missing); pass masks=load_masks(path) or load the plan from its run directory.")
     if not isinstance(masks, Mapping):
         masks = load_masks(masks)
     if plan.extra.get("weights_updated"):

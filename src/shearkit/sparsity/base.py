@@ -8,8 +8,8 @@ Lifecycle of `BlockwiseSparsifier.run`:
    the blocks (`calibration.walk_blocks`): each block is moved to the compute device, its
    layers' input statistics are gathered (`stats_kind`), `prune_block` zeroes (and may update)
    its weights, and the pruned block's outputs become the next block's inputs.
-3. Return an unstructured `Plan` with each layer's exact sparsity and the pattern; the
-   keep-masks ride along, bit-packed, as `plan._masks` (saved as `masks.safetensors`).
+3. Return an unstructured `Plan` with each layer's exact sparsity and the pattern, and the
+   keep-masks, bit-packed, as its declared `masks` (saved beside plan.json).
 
 A method subclass sets `stats_kind` ("norm", "hessian" or None) and implements
 `prune_layer(ref, stats)` (or overrides `prune_block` for whole-block methods such as BESA).
@@ -136,8 +136,8 @@ class BlockwiseSparsifier(PruneMethod):
         plan = Plan(method=self.name, kind="unstructured", ratio_target=cfg.ratio,
                     ratio_achieved=zeros / max(total, 1), base=base, config=cfg.to_dict(), layers=records,
                     extra={"pattern": cfg.nm or "unstructured", "weights_updated": self.updates_weights,
-                           "linear_params": total, "wall_s": round(time.perf_counter() - t0, 3), **self.extra})
-        plan._masks = masks  # not serialised: saved as the masks.safetensors sidecar by the run
+                           "linear_params": total, "wall_s": round(time.perf_counter() - t0, 3), **self.extra},
+                    masks=masks)
         return plan
 
     def walk(self, model, inputs: BlockInputs, fn) -> None:
