@@ -204,7 +204,8 @@ def _recovery(run: RunData) -> Section | None:
     s = Section("Recovery")
     png = plots.losses(run.train_log, f"LoRA recovery: {run.label}") if run.train_log else None
     if png:
-        s.blocks.append(Figure("loss", f"Training loss and learning rate by step ({TRAIN_LOG}).", png))
+        s.blocks.append(Figure("loss", f"Training loss, learning rate and (when logged) evaluation perplexity by "
+                               f"step ({TRAIN_LOG}); the last values are written beside their points.", png))
     last = next((x for x in reversed(run.train_log) if "loss" in x), None)
     info: list[list[Any]] = [[k, v] for k, v in r.items() if isinstance(v, (int, float, str))
                              and k not in ("losses", *RECOVERY_FILES)]
@@ -250,7 +251,7 @@ def _env(run: RunData) -> Section | None:
     if not env:
         return None
     rows = [[k, env.get(k)] for k in ("device", "cuda", "threads", "seed", "python", "platform", "time") if k in env]
-    rows += [[f"seed of {where}", v] for where, v in (env.get("seeds") or {}).items()]
+    rows += [[where, v] for where, v in (env.get("seeds") or {}).items()]  # each seed the recipe set
     rows += [[pkg, v] for pkg, v in (env.get("versions") or {}).items()]
     return Section("Environment", [Table(["", "value"], rows, "env")])
 

@@ -164,11 +164,12 @@ def _ema(xs: list[float], decay: float = 0.9) -> list[float]:
     return out
 
 
-def _mark_last(ax, xs: list[float], ys: list[float], color: str) -> None:
-    """Circle the last point and write its value beside it, so the end of the curve is readable."""
+def _mark_last(ax, xs: list[float], ys: list[float], color: str, below: bool = False) -> None:
+    """Circle the last point and write its value beside it (above, or `below`), so the end of the
+    curve is readable."""
     ax.plot([xs[-1]], [ys[-1]], "o", color=color, ms=5)
-    ax.annotate(f"{ys[-1]:.4g}", (xs[-1], ys[-1]), xytext=(6, 4), textcoords="offset points", fontsize=8,
-                color=color)
+    ax.annotate(f"{ys[-1]:.4g}", (xs[-1], ys[-1]), xytext=(-4, -7 if below else 6), textcoords="offset points",
+                fontsize=8, color=color, ha="right", va="top" if below else "bottom")
 
 
 def losses(log: list[dict[str, Any]], title: str) -> bytes | None:
@@ -191,13 +192,12 @@ def loss_figure(log: list[dict[str, Any]], title: str):
     handles = []
     if pts:
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        noisy = len(ys) > 10
+        noisy = len(ys) > 30
         handles += ax.plot(xs, ys, lw=0.8 if noisy else 1.2, alpha=0.45 if noisy else 1.0, color="#4c72b0",
                            label="train loss")
-        if noisy:  # per-batch losses are noisy; show the trend
-            ys = _ema(ys)
-            handles += ax.plot(xs, ys, lw=1.8, color="#4c72b0", label="train loss (EMA 0.9)")
-        _mark_last(ax, xs, ys, "#4c72b0")
+        if noisy:  # many per-batch losses are noisy; show the trend too
+            handles += ax.plot(xs, _ema(ys), lw=1.8, color="#4c72b0", label="train loss (EMA 0.9)")
+        _mark_last(ax, xs, ys, "#4c72b0")  # the last loss itself, not its lagging average
         ax.set_ylabel("loss")
     if evals:
         ax2 = ax.twinx()
@@ -209,11 +209,12 @@ def loss_figure(log: list[dict[str, Any]], title: str):
             handles += ax2.plot([p[0] for p in xy], [p[1] for p in xy], "o--", ms=4, color=color,
                                 label=f"{_short(t)} ppl (right axis)")
             if xy:
-                _mark_last(ax2, [p[0] for p in xy], [p[1] for p in xy], color)
+                _mark_last(ax2, [p[0] for p in xy], [p[1] for p in xy], color, below=True)
         ax2.set_ylabel("perplexity")
+        ax2.margins(y=0.12)  # room for the value written under the last point
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.08 if evals else 1.01, 1.0),
               frameon=False)
-    ax.margins(x=0.06)
+    ax.margins(x=0.06, y=0.1)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if lrs:
@@ -245,7 +246,7 @@ def metrics(panels: list[Panel]) -> bytes | None:
     colors = _colors(panels)
     k_max = max(len(p.series) for p in panels)
     widths = [max(2.5, 0.5 * len(p.tasks) * max(1, len(p.series)) + 1.2) for p in panels]
-    fig = _figure(min(14.0, sum(widths) + 0.5), 4.2)
+    fig = _figure(min(14.0, max(7.0, sum(widths) + 0.5)), 4.2)
     axes = fig.subplots(1, len(panels), width_ratios=widths) if len(panels) > 1 else [fig.subplots()]
     for ax, panel in zip(axes, panels):
         k = max(1, len(panel.series))
