@@ -307,6 +307,15 @@ def test_unstructured_report_tabulates_sparsity(tmp_path):
     assert "Recovery" not in md  # no training log, no section
 
 
+def test_uniform_sparsity_is_a_sentence_not_flat_lines(tmp_path):
+    layers = {str(i): {"sparsity": {"self_attn.q_proj": 0.5, "mlp.down_proj": 0.5}, "pattern": "2:4"} for i in range(4)}
+    plan = Plan("wanda", "unstructured", 0.5, 0.5, base={"name": "tiny", "num_layers": 4}, layers=layers)
+    out = write_report(_write_run(tmp_path / "w", plan, {"wikitext2": _ppl(60.0)}, method="wanda"))
+    md = (out / "report.md").read_text()
+    assert "Every module of every layer has sparsity 50.0% (2:4)." in md and "| 3 | 2:4 | 0.5 | 0.5 |" in md
+    assert not (out / "figures" / "plan.png").exists()
+
+
 def test_blocks_plan_and_eval_only_run(tmp_path):
     plan = Plan("shortgpt", "blocks", 0.25, 0.25, base={"name": "tiny", "num_layers": 4}, blocks=[2],
                 replaced={"3": 1})

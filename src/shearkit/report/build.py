@@ -146,9 +146,14 @@ def _plan(run: RunData) -> list[Section]:
     title = f"{plan.get('method')} at {_pct(plan.get('ratio_achieved'))}"
     if kind == "unstructured":
         modules, rows = unstructured_layers(plan)
-        if rows:
+        same = flat_value({m: [r[2 + j] for r in rows] for j, m in enumerate(modules)}) if rows and modules else None
+        if same is not None:  # uniform sparsity: flat lines would say no more than this sentence
+            s.blocks.append(Text(f"Every module of every layer has sparsity {_pct(same)} "
+                                 f"({', '.join(sorted({str(r[1]) for r in rows}))})."))
+        elif rows:
             s.blocks.append(Figure("plan", "Sparsity of each module per layer.",
                                    plots.unstructured_plan(modules, rows, title)))
+        if rows:
             s.blocks.append(Table(["layer", "pattern", *modules], rows, "plan-layers"))
     else:
         rows = structured_layers(plan)

@@ -274,9 +274,9 @@ def numeric_series(extra: dict[str, Any]) -> list[tuple[str, dict[str, list[floa
 PLAN_RECORDS = ("geometry", "layer_params", "params_removed", "dense_layers", "uniform_widths", "export")
 
 
-def flat_value(data: dict[str, list[float]]) -> float | None:
+def flat_value(data: dict[str, list[float | None]]) -> float | None:
     """The one value every point of every series shares (a figure of it would say nothing), else None."""
-    values = {x for xs in data.values() for x in xs}
+    values = {x if x is None else round(x, 6) for xs in data.values() for x in xs}
     return values.pop() if len(values) == 1 else None
 
 
