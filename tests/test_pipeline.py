@@ -1,7 +1,9 @@
 """End to end through the CLI on a tiny model: prune -> recover -> evaluate -> save -> report."""
 import json
+import re
 
 import pytest
+import yaml
 import torch
 from typer.testing import CliRunner
 
@@ -32,15 +34,38 @@ def invoke(*args):
     return r
 
 
-def test_structured_prune_recover_eval_save(workspace):
+def test_structured_prune_recover_eval_save(workspace, monkeypatch):
     tmp, base, text, instr = workspace
     before = sorted(p.stat().st_mtime_ns for p in base.iterdir())
-    out = tmp / "run"
-    invoke("prune", base, "--method", "llm-pruner", "--ratio", "0.3", "--calib", text, "--calib-samples", 4,
-           "--calib-seqlen", 16, "--tasks", text, "--eval-seqlen", 16, "--limit", 2, "--recover", 2,
-           "--recover-data", instr, "--set", "recover.seqlen=128", "--set", "recover.batch_size=2", "--out", out,
-           "--set", "prune.dense_first=0", "--set", "prune.dense_last=0")
+    monkeypatch.chdir(tmp)
+    r = invoke("prune", base, "--method", "llm-pruner", "--ratio", "0.3", "--calib", text, "--calib-samples", 4,
+               "--calib-seqlen", 16, "--tasks", text, "--eval-seqlen", 16, "--limit", 2, "--recover", 2,
+               "--recover-data", instr, "--set", "recover.seqlen=128", "--set", "recover.batch_size=2",
+               "--out", "runs/lp30", "--set", "prune.dense_first=0", "--set", "prune.dense_last=0")
+    # progress labels count the steps this run takes, each once: load, dense eval, prune, pruned eval,
+    # recover, final eval and save
+    labels = re.findall(r"\[(\d+)/(\d+)\] ", r.output)
+    assert labels == [(str(i), "6") for i in range(1, 7)], r.output
+    # the run directory moves: what metrics.json names is found relative to it
+    out = tmp / "moved" / "lp30"
+    out.parent.mkdir()
+    (tmp / "runs" / "lp30").rename(out)
+    monkeypatch.chdir(out.parent)
     m = json.loads((out / "metrics.json").read_text())
+    assert (out / m["recover"]["plot"]).is_file(), m["recover"]["plot"]
+    # env.json records the seeds the recipe used
+    env = json.loads((out / "env.json").read_text())
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert env["seeds"] == {f"{s}.seed": recipe[s]["seed"] for s in ("calib", "prune", "recover")}
+    assert env["seed"] == recipe["calib"]["seed"] == 0
+    # the model card's Measured table: dense, pruned before recovery and this model, all numbers
+    card = (out / "model" / "README.md").read_text().split("## Measured", 1)[1]
+    rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in card.splitlines() if ln.startswith("|")]
+    assert rows[0] == ["task", "metric", "dense", "pruned, before recovery", "recovered (this model)"]
+    assert [float(v) for v in rows[2][2:]] == pytest.approx(
+        [m["dense"]["tasks"][str(text)]["value"], m["pruned"]["tasks"][str(text)]["value"],
+         m["tasks"][str(text)]["value"]], rel=1e-3)
+    assert len(rows) == 3 and "None" not in card
     assert abs(m["prune"]["ratio_achieved"] - 0.3) < 0.05
     assert {"dense", "pruned", "tasks", "recover"} <= set(m)
     assert (out / "plan.json").exists() and (out / "recovery" / "train_log.jsonl").exists()

@@ -368,6 +368,10 @@ def test_cli_recover_writes_run_directory(chat_tok, inst_file, tmp_path):
     for f in ("recipe.yaml", "env.json", "run.log", "recovery/train_log.jsonl", "recovery/loss.png",
               "recovery/checkpoint-2/adapter.safetensors", "model/config.json"):
         assert (run / f).is_file(), f
+    # files named relative to the run directory (it can move), and the seed the recipe used
+    assert (metrics["recover"]["log"], metrics["recover"]["plot"]) == ("recovery/train_log.jsonl", "recovery/loss.png")
+    env = json.loads((run / "env.json").read_text())
+    assert (env["seed"], env["seeds"]) == (0, {"recover.seed": 0})
     import shearkit
 
     m, _ = shearkit.load(str(run / "model"), device="cpu")

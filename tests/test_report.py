@@ -16,10 +16,12 @@ import yaml
 from shearkit.errors import ShearkitError
 from shearkit.plan import Plan
 from shearkit.report import load_run, write_report
+from shearkit.report import plots, summary
 from shearkit.report.summary import compare, numeric_series, structured_layers
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-GEOMETRY = [{"heads": 4, "kv_heads": 2, "head_dim": 16, "mlp": 96} for _ in range(4)]
+GEOMETRY = [{"heads": 4, "kv_heads": 2, "head_dim": 16, "mlp": 96} for _ in range(6)]
+LAYER_PARAMS = 20_000
 
 
 def _zs(acc, acc_norm=None, limit=20):
@@ -34,23 +36,28 @@ def _ppl(v, seqlen=512):
 
 
 def _write_run(path: Path, plan: Plan | None, tasks: dict, dense: dict | None = None, log: list | None = None,
-               method: str = "llm-pruner") -> Path:
+               method: str = "llm-pruner", pruned: dict | None = None) -> Path:
     path.mkdir(parents=True)
     (path / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name": "tiny"}, "prune": {"method": method,
                                                                                           "ratio": 0.25}}))
     metrics = {"model": "tiny", "tasks": tasks, "params": {"unique": 750_000}}
     if dense is not None:
         metrics["dense"] = {"tasks": dense, "params": {"unique": 1_000_000}}
+    if pruned is not None:  # measured after pruning, before recovery (as the pipeline does)
+        metrics["pruned"] = {"tasks": pruned}
     if plan is not None:
         metrics["prune"] = {"method": plan.method, "kind": plan.kind, "ratio_target": plan.ratio_target,
                             "ratio_achieved": plan.ratio_achieved, "wall_s": 1.5, "peak_memory_bytes": 3 * 2**20}
         plan.save(path / "plan.json")
     if log is not None:
-        metrics["recover"] = {"steps": log[-1]["step"], "wall_s": 12.0}
+        metrics["recover"] = {"steps": log[-1]["step"], "wall_s": 12.0, "log": "recovery/train_log.jsonl",
+                              "plot": "recovery/loss.png"}
         (path / "recovery").mkdir()
+        (path / "recovery" / "loss.png").write_bytes(PNG_MAGIC)
         (path / "recovery" / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log)
                                                            + '{"step": 99, "loss"')  # a line cut off mid-write
-    (path / "env.json").write_text(json.dumps({"device": "cpu", "seed": 0, "versions": {"torch": "2.x"}}))
+    (path / "env.json").write_text(json.dumps({"device": "cpu", "seed": 0, "seeds": {"calib.seed": 0, "prune.seed": 0},
+                                               "versions": {"torch": "2.x"}}))
     (path / "metrics.json").write_text(json.dumps(metrics))
     return path
 
@@ -60,11 +67,15 @@ def _structured_plan() -> Plan:
               "1": {"heads": [], "kv_groups": [1], "mlp_channels": list(range(48))},
               "2": {"heads": [2, 3], "kv_groups": [], "mlp_channels": []}}
     return Plan("llm-pruner", "structured", 0.25, 0.248,
-                base={"name": "tiny", "num_layers": 4, "fingerprint": "abc", "geometry": GEOMETRY},
+                base={"name": "tiny", "num_layers": 6, "fingerprint": "abc", "geometry": GEOMETRY},
                 layers=layers, blocks=[3],
                 extra={"layer_importance": [0.9, 0.2, 0.4, 0.1],
                        "knowledge_distribution": {"attn": [1.0, 0.5, 0.2, 0.8], "mlp": [0.3, 0.1, 0.2, 0.9]},
-                       "note": "not plotted", "by_layer": {"0": 1.0, "1": 2.0, "2": 0.5, "3": 0.0}})
+                       "note": "not plotted", "by_layer": {"0": 1.0, "1": 2.0, "2": 0.5, "3": 0.0},
+                       "calib_scale": [2.0, 2.0, 2.0, 2.0],
+                       # what the structured planner records (graph/planner.py finish_plan)
+                       "dense_layers": [4, 5], "layer_params": [LAYER_PARAMS] * 6,
+                       "params_removed": [2000, 9000, 5000, LAYER_PARAMS, 0, 0]})
 
 
 def _structured_run(root: Path) -> Path:
@@ -74,6 +85,7 @@ def _structured_run(root: Path) -> Path:
     return _write_run(root / "lp25", _structured_plan(),
                       {"wikitext2": _ppl(48.2), "piqa_local": _zs(0.61, 0.6), "boolq_local": _zs(0.55)},
                       dense={"wikitext2": _ppl(30.6), "piqa_local": _zs(0.66, 0.65), "boolq_local": _zs(0.6)},
+                      pruned={"wikitext2": _ppl(95.0), "piqa_local": _zs(0.55, 0.52), "boolq_local": _zs(0.5)},
                       log=log)
 
 
@@ -111,7 +123,8 @@ def test_structured_layers_count_kept_widths_with_kv_groups_closed():
     got = [(r.layer, r.status, r.heads_kept, r.kv_kept, r.mlp_kept) for r in rows]
     # layer 1 removes KV group 1, which takes query heads 2 and 3 along; layer 2 removes both query
     # heads of KV group 1, which removes that group; block 3 is removed whole
-    assert got == [(0, "kept", 3, 2, 86), (1, "kept", 2, 1, 48), (2, "kept", 2, 1, 96), (3, "removed", 0, 0, 0)]
+    assert got == [(0, "kept", 3, 2, 86), (1, "kept", 2, 1, 48), (2, "kept", 2, 1, 96), (3, "removed", 0, 0, 0),
+                   (4, "dense (not pruned)", 4, 2, 96), (5, "dense (not pruned)", 4, 2, 96)]
 
 
 def test_structured_layers_without_base_widths_report_removed_counts():
@@ -119,25 +132,75 @@ def test_structured_layers_without_base_widths_report_removed_counts():
     del plan["base"]["geometry"]
     rows = structured_layers(plan)
     assert [(r.heads_removed, r.kv_removed, r.mlp_removed, r.heads_kept) for r in rows] == [
-        (1, 0, 10, None), (0, 1, 48, None), (2, 0, 0, None), (0, 0, 0, None)]
+        (1, 0, 10, None), (0, 1, 48, None), (2, 0, 0, None), (0, 0, 0, None), (0, 0, 0, None), (0, 0, 0, None)]
+
+
+def test_structured_layers_mark_dense_layers_and_kept_fractions():
+    rows = structured_layers(_structured_plan().to_dict())
+    assert [r.layer for r in rows if r.dense] == [4, 5]  # the plan's dense_layers, not bar heights
+    fr = [r.kept_fractions() for r in rows]
+    assert fr[1] == {"query heads": 0.5, "KV heads": 0.5, "MLP channels": 0.5, "parameters": 1 - 9000 / LAYER_PARAMS}
+    assert fr[3] == {"query heads": 0.0, "KV heads": 0.0, "MLP channels": 0.0, "parameters": 0.0}  # removed block
+    assert fr[4] == {"query heads": 1.0, "KV heads": 1.0, "MLP channels": 1.0, "parameters": 1.0}
 
 
 def test_numeric_series_keeps_only_plottable_entries():
     got = dict(numeric_series(_structured_plan().extra))
     assert got == {"layer_importance": {"layer_importance": [0.9, 0.2, 0.4, 0.1]},
                    "knowledge_distribution": {"attn": [1.0, 0.5, 0.2, 0.8], "mlp": [0.3, 0.1, 0.2, 0.9]},
-                   "by_layer": {"by_layer": [1.0, 2.0, 0.5, 0.0]}}
+                   "by_layer": {"by_layer": [1.0, 2.0, 0.5, 0.0]},
+                   "calib_scale": {"calib_scale": [2.0, 2.0, 2.0, 2.0]},
+                   "dense_layers": {"dense_layers": [4.0, 5.0]},
+                   "layer_params": {"layer_params": [float(LAYER_PARAMS)] * 6},
+                   "params_removed": {"params_removed": [2000.0, 9000.0, 5000.0, float(LAYER_PARAMS), 0.0, 0.0]}}
 
 
-def test_compare_aligns_tasks_and_adds_the_zero_shot_mean(runs):
+def test_compare_has_each_stage_of_the_run_and_the_zero_shot_mean(runs):
     cmp = compare(load_run(runs[0]), [load_run(runs[1])])
-    assert cmp.columns == ["dense", "lp25", "wanda50"]
+    assert cmp.columns == ["dense", "pruned, before recovery", "lp25 (recovered)", "wanda50"]
+    assert cmp.stage == {"dense": 0, "pruned": 1, "final": 2}
     rows = {(t, m): v for t, m, v in cmp.rows}
-    assert rows[("wikitext2", "ppl_concat")] == [30.6, 48.2, 60.0]
-    assert rows[("piqa_local", "acc_norm")] == [0.65, 0.6, 0.57]
-    assert rows[("boolq_local", "acc")] == [0.6, 0.55, None]  # the other run did not measure BoolQ
-    dense_mean, run_mean, other_mean = rows[("mean (zero-shot)", "main metric")]
-    assert (dense_mean, run_mean, other_mean) == (pytest.approx(0.625), pytest.approx(0.575), None)
+    assert rows[("wikitext2", "ppl_concat")] == [30.6, 95.0, 48.2, 60.0]
+    assert rows[("piqa_local", "acc_norm")] == [0.65, 0.52, 0.6, 0.57]
+    assert rows[("boolq_local", "acc")] == [0.6, 0.5, 0.55, None]  # the other run did not measure BoolQ
+    means = rows[("mean (zero-shot)", "main metric")]
+    assert means == [pytest.approx(0.625), pytest.approx(0.51), pytest.approx(0.575), None]
+
+
+def test_metrics_figure_data_shows_what_recovery_did(runs):
+    """The metrics figure draws each task's main metric for dense, pruned before recovery and
+    recovered (and the runs compared): the data it is drawn from, panel by panel."""
+    panels = summary.metric_panels(compare(load_run(runs[0]), [load_run(runs[1])]))
+    acc, ppl = panels
+    assert (acc.lower_is_better, acc.tasks, ppl.lower_is_better, ppl.tasks) == (
+        False, ["piqa_local", "boolq_local"], True, ["wikitext2"])
+    assert dict(ppl.series) == {"dense": [30.6], "pruned, before recovery": [95.0], "lp25 (recovered)": [48.2],
+                                "wanda50": [60.0]}
+    assert dict(acc.series) == {"dense": [0.65, 0.6], "pruned, before recovery": [0.52, 0.5],
+                                "lp25 (recovered)": [0.6, 0.55], "wanda50": [0.57, None]}
+
+
+def test_loss_legend_hides_no_point():
+    """The legends sit outside the plotting area, so no point (the last one in particular, labelled with
+    its value) is under a legend, whatever the curve does."""
+    log = [{"step": s, "loss": 3.0 + (s % 3) / 10 + (1.0 if s > 35 else 0), "lr": 1e-4} for s in range(1, 41)]
+    for r in log[4::5]:
+        r["eval_ppl"] = {"wikitext2": 40.0 + r["step"]}
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = plots.loss_figure(log, "t")
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    legends = [a.get_legend().get_window_extent(renderer) for a in fig.axes if a.get_legend()]
+    assert legends
+    lines = [ln for a in fig.axes for ln in a.get_lines() if len(ln.get_xdata())]
+    assert len(lines) >= 3  # loss, its trend, perplexity
+    for ln in lines:
+        for x, y in zip(ln.get_xdata(), ln.get_ydata()):
+            px, py = ln.axes.transData.transform((x, y))
+            assert not any(b.contains(px, py) for b in legends), (ln.get_label(), x, y)
+    texts = [t.get_text() for a in fig.axes for t in a.texts]
+    assert {f"{log[-1]['loss']:.4g}", f"{40.0 + 40:.4g}"} <= set(texts)  # last loss and perplexity, as numbers
 
 
 # -- the written report --------------------------------------------------------------------------
@@ -167,6 +230,8 @@ def test_report_files_and_self_contained_html(runs, report):
     assert page.external == []  # nothing to fetch: one file is the whole report
     assert {"metrics", "plan-info", "plan-layers", "recovery", "runs", "env"} <= set(page.tables)
     figs = {p.stem for p in (out / "figures").glob("*.png")}
+    # the planner's records (dense layers, layer sizes) show in the plan figure, and a series whose
+    # values are all equal is a sentence, not a figure of identical bars
     assert figs == {"metrics", "plan", "loss", "extra-layer-importance", "extra-knowledge-distribution",
                     "extra-by-layer"}
     assert len(page.imgs) == len(figs)
@@ -179,9 +244,60 @@ def test_report_files_and_self_contained_html(runs, report):
     assert sorted(base64.b64decode(i["src"].split(",", 1)[1]) for i in page.imgs) == sorted(
         p.read_bytes() for p in (out / "figures").glob("*.png"))
     # the metrics row with the delta against the dense model, the per-layer kept widths, the recipe
-    assert re.search(r"\| wikitext2 \| ppl_concat \| 30\.6 \| 48\.2 \| 60 \| \+17\.6 \|", md)
-    assert "| 1 | kept | 2/4 | 1/2 | 48/96 |" in md and "| 3 | removed | 0/4 | 0/2 | 0/96 |" in md
+    # dense, pruned before recovery, recovered, the other run; the deltas against dense and by recovery
+    assert "| task | metric | dense | pruned, before recovery | lp25 (recovered) | wanda50 | Δ lp25 (recovered) vs " \
+           "dense | Δ by recovery |" in md
+    assert re.search(r"\| wikitext2 \| ppl_concat \| 30\.6 \| 95 \| 48\.2 \| 60 \| \+17\.6 \| -46\.8 \|", md)
+    assert "wikitext2 ppl_concat: 30.6 dense, 95 pruned before recovery, 48.2 final." in md
+    assert "| 1 | kept | 2/4 | 1/2 | 48/96 | 55.0% |" in md and "| 3 | removed | 0/4 | 0/2 | 0/96 | 0.0% |" in md
+    assert "| 4 | dense (not pruned) | 4/4 | 2/2 | 96/96 | 100.0% |" in md
+    assert "green: dense layers, left unpruned" in md and "calib scale: all 4 values are 2." in md
     assert "method: llm-pruner" in md and "1 line(s) of recovery/train_log.jsonl were not readable" in md
+    assert "| loss plot | recovery/loss.png |" in md and "| calib.seed | 0 |" in md
+
+
+class _Prose(HTMLParser):
+    """The page's text outside <code> and <pre>, and the text inside <code>."""
+
+    def __init__(self):
+        super().__init__()
+        self.depth, self.prose, self.code = 0, [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.depth += tag in ("code", "pre")
+
+    def handle_endtag(self, tag):
+        self.depth -= tag in ("code", "pre")
+
+    def handle_data(self, data):
+        (self.code if self.depth else self.prose).append(data)
+
+
+def test_html_renders_inline_code_without_backticks(report):
+    md = (report / "report.md").read_text()
+    assert "`shearkit run`" in md  # markdown keeps its code spans
+    page = _Prose()
+    page.feed((report / "report.html").read_text())
+    prose = "".join(page.prose)
+    assert "`" not in prose, prose[max(0, prose.find("`") - 80):prose.find("`") + 80]
+    assert "shearkit run" in page.code
+
+
+def test_recovery_files_resolve_from_a_moved_run_directory(runs, tmp_path, monkeypatch):
+    """metrics.json names recovery files relative to the run directory; the report finds them after
+    the directory moved, and so it does with paths older runs recorded from the caller's directory."""
+    moved = tmp_path / "elsewhere" / "lp25"
+    shutil.copytree(runs[0], moved)
+    m = json.loads((moved / "metrics.json").read_text())
+    m["recover"]["plot"] = "runs/lp25/recovery/loss.png"  # as an older shearkit wrote it, from the cwd
+    (moved / "metrics.json").write_text(json.dumps(m))
+    monkeypatch.chdir(tmp_path)
+    run = load_run(moved)
+    assert run.find(m["recover"]["log"]) == moved / "recovery" / "train_log.jsonl"
+    assert run.find(m["recover"]["plot"]) == moved / "recovery" / "loss.png"
+    assert run.find("recovery/adapter") is None
+    md = (write_report(moved) / "report.md").read_text()
+    assert "| loss plot | recovery/loss.png |" in md and "| training log | recovery/train_log.jsonl |" in md
 
 
 def test_unstructured_report_tabulates_sparsity(tmp_path):
@@ -189,6 +305,15 @@ def test_unstructured_report_tabulates_sparsity(tmp_path):
     assert "| layer | pattern | self_attn.q_proj | mlp.down_proj |" in md
     assert "| 3 | 2:4 | 0.5 | 0.55 |" in md
     assert "Recovery" not in md  # no training log, no section
+
+
+def test_uniform_sparsity_is_a_sentence_not_flat_lines(tmp_path):
+    layers = {str(i): {"sparsity": {"self_attn.q_proj": 0.5, "mlp.down_proj": 0.5}, "pattern": "2:4"} for i in range(4)}
+    plan = Plan("wanda", "unstructured", 0.5, 0.5, base={"name": "tiny", "num_layers": 4}, layers=layers)
+    out = write_report(_write_run(tmp_path / "w", plan, {"wikitext2": _ppl(60.0)}, method="wanda"))
+    md = (out / "report.md").read_text()
+    assert "Every module of every layer has sparsity 50.0% (2:4)." in md and "| 3 | 2:4 | 0.5 | 0.5 |" in md
+    assert not (out / "figures" / "plan.png").exists()
 
 
 def test_blocks_plan_and_eval_only_run(tmp_path):

@@ -95,6 +95,34 @@ def test_saved_directory_contents(tmp_path, tiny_tokenizer):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left behind
 
 
+def _card_table(card: str) -> list[list[str]]:
+    lines = card.split("## Measured", 1)[1].strip().splitlines()
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines if ln.startswith("|")]
+
+
+def test_model_card_measured_table_of_a_pipeline_run():
+    """The pipeline passes its whole metrics.json: the card shows each task's value dense, pruned
+    before recovery and for this model, never a row per top-level key with `None`."""
+    from shearkit.io.save import model_card
+
+    ppl = lambda v: {"metric": "ppl_concat", "value": v, "ppl": v, "seqlen": 512, "limit": 8}  # noqa: E731
+    zs = {"metric": "acc_norm", "value": 0.6, "metrics": {"acc": 0.61, "acc_norm": 0.6}}
+    metrics = {"model": "smollm2-135m", "dense": {"tasks": {"wikitext2": ppl(20.5)}, "params": {"unique": 10}},
+               "prune": {"method": "llm-pruner", "ratio_target": 0.2}, "pruned": {"tasks": {"wikitext2": ppl(61.0)}},
+               "recover": {"steps": 10, "plot": "recovery/loss.png"}, "tasks": {"wikitext2": ppl(33.25), "piqa": zs},
+               "params": {"unique": 8}}
+    prov = {"params": {"unique": 8, "blocks": 6}, "export": "vanilla", "loads_with": "x", "shearkit_version": "0",
+            "created": "now"}
+    table = _card_table(model_card(prov, None, metrics))
+    assert table[0] == ["task", "metric", "dense", "pruned, before recovery", "recovered (this model)"]
+    assert table[2:] == [["wikitext2", "ppl_concat (seqlen 512)", "20.5", "61", "33.25"],
+                         ["piqa", "acc", "–", "–", "0.61"], ["piqa", "acc_norm", "–", "–", "0.6"]]
+    assert "None" not in model_card(prov, None, metrics)
+    # a plain task -> record mapping (the `save(metrics=...)` form, and what `shearkit recover` passes)
+    table = _card_table(model_card(prov, None, {"wikitext2": {"ppl": 41.5, "when": "after recovery"}}))
+    assert table[0] == ["task", "metric", "this model"] and table[2:] == [["wikitext2", "ppl", "41.5"]]
+
+
 def test_input_model_is_never_touched(tmp_path, tiny_tokenizer):
     src = save(make_tiny("llama"), tiny_tokenizer, tmp_path / "src")
     before = _files(src)

@@ -6,7 +6,7 @@ recipe says (a `prune` section, an optional `recover` section, an `eval` section
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 from .errors import ShearkitError
 from .preflight import check_recipe_data
@@ -29,6 +29,7 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
         raise ShearkitError(f"save_format must be one of {', '.join(SAVE_FORMATS)}, got '{save_format}'.")
     pcfg = recipe.get("prune")
     rcfg = recipe.get("recover")
+    step = _steps(recipe, dry_run, echo)
     if pcfg is None and rcfg is None:
         raise ShearkitError("The recipe has neither a 'prune' nor a 'recover' section: nothing to run. "
                             "Add e.g. `prune: {method: llm-pruner, ratio: 0.2}`.")
@@ -38,21 +39,21 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
     with run:
         run.write_recipe(recipe)
         mc, ec = recipe.model, recipe.eval
-        echo(f"[1/5] loading {mc.name}")
+        step(f"loading {mc.name}")
         model, tok = api.load(mc.name, device=mc.device, dtype=mc.dtype, cache_dir=mc.cache_dir,
                               trust_remote_code=mc.trust_remote_code)
         device = next(model.parameters()).device
-        run.write_env(str(device), recipe.top.get("seed"))
+        run.write_env(str(device), recipe.seeds())
         data_dir = ec.data_dir or recipe.calib.data_dir
         evaluate = lambda m: api.evaluate(m, tok, ec.tasks, seqlen=ec.seqlen, limit=ec.limit,  # noqa: E731
                                           batch_size=ec.batch_size, split=ec.split, data_dir=data_dir)
         if recipe.top.get("eval_dense", True) and not dry_run:
-            echo("[2/5] evaluating the dense model")
+            step("evaluating the dense model")
             metrics["dense"] = {"tasks": evaluate(model), "params": get_adapter(model).param_counts()}
             run.write_metrics(metrics)
         plan = None
         if pcfg is not None:
-            echo(f"[3/5] pruning with {pcfg.method} at ratio {pcfg.ratio}")
+            step(f"pruning with {pcfg.method} at ratio {pcfg.ratio}")
             tokens = None
             from .methods import get_method
 
@@ -72,10 +73,10 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
                 return {**metrics, "plan": plan, "run_dir": str(run.path)}
         if rcfg is not None and getattr(rcfg, "steps", 0) > 0:
             if plan is not None:  # the figure before recovery, to show what recovery buys
-                echo("[4/5] evaluating the pruned model before recovery")
+                step("evaluating the pruned model before recovery")
                 metrics["pruned"] = {"tasks": evaluate(model)}
                 run.write_metrics(metrics)
-            echo(f"[4/5] LoRA recovery, {rcfg.steps} steps")
+            step(f"LoRA recovery, {rcfg.steps} steps")
             from .recovery import recover
 
             teacher = None
@@ -86,7 +87,7 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
             model, history = recover(model, tok, rcfg, teacher=teacher, out_dir=run.path, data_dir=data_dir,
                                      masks=plan if plan is not None else "auto")
             metrics["recover"] = {**_plain(history), "wall_s": time.perf_counter() - t0}
-        echo("[5/5] evaluating and saving")
+        step("evaluating and saving")
         metrics["tasks"] = evaluate(model)
         metrics["params"] = get_adapter(model).param_counts()
         if save_format != "none":
@@ -94,6 +95,20 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
         run.write_metrics(metrics)
         echo(f"run directory: {run.path}")
         return {**metrics, "run_dir": str(run.path)}
+
+
+def _steps(recipe: Recipe, dry_run: bool, echo) -> Callable[[str], None]:
+    """A progress printer numbering the steps this recipe runs: `[i/n] what`."""
+    prunes, recovers = recipe.get("prune") is not None, getattr(recipe.get("recover"), "steps", 0) > 0
+    dense = bool(recipe.top.get("eval_dense", True)) and not dry_run
+    # load, dense eval, prune, then (a dry run stops after pruning) pruned eval, recover, final eval and save
+    n = 1 + dense + prunes + (0 if dry_run and prunes else (prunes and recovers) + recovers + 1)
+    done = [0]
+
+    def step(what: str) -> None:
+        done[0] += 1
+        echo(f"[{done[0]}/{n}] {what}")
+    return step
 
 
 def _plain(history: Any) -> dict:

@@ -189,6 +189,13 @@ class Recipe:
     def calib(self) -> CalibConfig:
         return self.sections.setdefault("calib", CalibConfig())
 
+    def seeds(self) -> dict[str, int]:
+        """Every seed the recipe sets, by where: `seed` (top level), `calib.seed`, `prune.seed`, ..."""
+        out = {"seed": self.top["seed"]} if self.top.get("seed") is not None else {}
+        out.update({f"{name}.seed": cfg.seed for name, cfg in self.sections.items()
+                    if isinstance(getattr(cfg, "seed", None), int)})
+        return out
+
     def to_dict(self) -> dict:
         out: dict[str, Any] = dict(self.top)
         for k, v in self.sections.items():

@@ -35,8 +35,11 @@ def default_run_dir(command: str) -> Path:
     return Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def environment(device: str | None = None, seed: int | None = None) -> dict[str, Any]:
-    """Versions of the libraries that change results, the device, and the seed."""
+def environment(device: str | None = None, seed: int | dict[str, int] | None = None) -> dict[str, Any]:
+    """Versions of the libraries that change results, the device, and the seeds (`seed` may be the
+    recipe's `Recipe.seeds()`: env.json keeps them as `seeds` and their common value as `seed`)."""
+    seeds = seed if isinstance(seed, dict) else {} if seed is None else {"seed": seed}
+    seed = next(iter(set(seeds.values()))) if len(set(seeds.values())) == 1 else None
     from importlib import metadata
 
     versions = {}
@@ -46,7 +49,8 @@ def environment(device: str | None = None, seed: int | None = None) -> dict[str,
         except metadata.PackageNotFoundError:
             versions[pkg] = None
     env = {"python": sys.version.split()[0], "platform": platform.platform(), "versions": versions,
-           "device": device, "seed": seed, "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+           "device": device, "seed": seed, "seeds": seeds, "argv": sys.argv,
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:
         import torch
 
@@ -198,7 +202,7 @@ class RunDir:
     def write_recipe(self, recipe) -> None:
         write_text(self.path / "recipe.yaml", recipe.to_yaml())
 
-    def write_env(self, device: str | None = None, seed: int | None = None) -> None:
+    def write_env(self, device: str | None = None, seed: int | dict[str, int] | None = None) -> None:
         write_json(self.path / "env.json", environment(device, seed))
 
     def write_metrics(self, metrics: dict) -> None:

@@ -70,7 +70,7 @@ def run_eval(r, out: Optional[str], overwrite: bool) -> dict:
         run.log(f"loading {mc.name}")
         model, tok = api.load(mc.name, device=mc.device, dtype=mc.dtype, cache_dir=mc.cache_dir,
                               trust_remote_code=mc.trust_remote_code)
-        run.write_env(str(next(model.parameters()).device), r.top.get("seed"))
+        run.write_env(str(next(model.parameters()).device), r.seeds())
         results = api.evaluate(model, tok, ec.tasks, seqlen=ec.seqlen, limit=ec.limit, batch_size=ec.batch_size,
                                split=ec.split, data_dir=ec.data_dir)
         run.write_metrics({"model": mc.name, "tasks": results})

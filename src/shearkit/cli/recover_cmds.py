@@ -95,7 +95,7 @@ def run_recover(r, out: Optional[str], overwrite: bool, resume: bool = False, te
         run.log(f"loading {mc.name}")
         model, tok = api.load(mc.name, device=mc.device, dtype=mc.dtype, cache_dir=mc.cache_dir,
                               trust_remote_code=mc.trust_remote_code)
-        run.write_env(str(next(model.parameters()).device), rc.seed)
+        run.write_env(str(next(model.parameters()).device), r.seeds())
         tmodel = None
         if teacher and rc.distill_weight > 0:
             run.log(f"loading teacher {teacher}")

@@ -119,7 +119,11 @@ def _loads_with(export: str) -> str:
 
 
 def model_card(prov: dict[str, Any], plan: Plan | None, metrics: dict | None) -> str:
-    """A short README.md: base, method, ratio, measured perplexity, how to load."""
+    """A short README.md: base, method, ratio, what was measured (dense, pruned before recovery and this
+    model, as the run's metrics record them), how to load."""
+    from ..report.render import md_cell
+    from ..report.summary import measured_table
+
     lines = ["# Pruned with shearkit", ""]
     base = (plan.base if plan else None) or {}
     lines.append(f"- Base model: `{base.get('name') or 'unknown'}` (weights fingerprint `{base.get('fingerprint', '?')}`)")
@@ -135,16 +139,9 @@ def model_card(prov: dict[str, Any], plan: Plan | None, metrics: dict | None) ->
     p = prov["params"]
     lines.append(f"- Parameters: {p['unique']:,} total, {p['blocks']:,} in decoder blocks")
     lines.append(f"- Export: {prov['export']} widths; loads with {prov['loads_with']}")
-    if metrics:
-        lines += ["", "## Measured", "", "| task | metric | value |", "|---|---|---|"]
-        for task, rec in metrics.items():
-            if isinstance(rec, dict):
-                val = rec.get("ppl", rec.get("value"))
-                metric = "perplexity" if "ppl" in rec else rec.get("metric", "value")
-                extra = f" (seqlen {rec['seqlen']})" if "seqlen" in rec else ""
-                lines.append(f"| {task} | {metric}{extra} | {val:.4g} |" if isinstance(val, (int, float))
-                             else f"| {task} | {metric} | {val} |")
-            else:
-                lines.append(f"| {task} | value | {rec} |")
+    columns, rows = measured_table(metrics or {})
+    if rows:
+        lines += ["", "## Measured", ""]
+        lines += ["| " + " | ".join(md_cell(c) for c in r) + " |" for r in [columns, ["---"] * len(columns), *rows]]
     lines += ["", f"shearkit {prov['shearkit_version']}, {prov['created']}.", ""]
     return "\n".join(lines)

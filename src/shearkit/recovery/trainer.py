@@ -177,7 +177,8 @@ def recover(model, tokenizer, config: RecoverConfig | dict | None = None, *, tea
         config: a `RecoverConfig` or a dict of its fields.
         teacher: the dense model, for distillation when `config.distill_weight > 0` (moved to
             the training device and put in eval mode; its vocabulary must match).
-        out_dir: where `recovery/` (train_log.jsonl, loss.png, checkpoints, adapter) is written.
+        out_dir: where `recovery/` (train_log.jsonl, loss.png, checkpoints, adapter) is written; the
+            history names these files relative to it.
         resume: continue from the newest checkpoint under `out_dir/recovery` (fresh if none).
         data_dir: the local data directory (default: `config.data_dir`, then $SHEARKIT_DATA).
         on_step: called as `on_step(step, record)` after every optimizer step.
@@ -343,9 +344,10 @@ def recover(model, tokenizer, config: RecoverConfig | dict | None = None, *, tea
 
     history.update(_summary(cfg, train, acc, start, step, tokens_seen, label_tokens, elapsed, history, sampler))
     if root is not None and acc.is_main_process and log is not None:
-        history["log"] = str(log.path)
+        # paths relative to out_dir (the run directory), so the run directory can be moved
+        history["log"] = log.path.relative_to(out_dir).as_posix()
         plot = plot_losses(log.records, root / "loss.png", f"LoRA recovery on {cfg.data}")
-        history["plot"] = str(plot) if plot else None
+        history["plot"] = plot.relative_to(out_dir).as_posix() if plot else None
         if cfg.save_adapter:
             from ..io.atomic import atomic_dir
 
@@ -355,7 +357,7 @@ def recover(model, tokenizer, config: RecoverConfig | dict | None = None, *, tea
                     from ..sparsity.apply import save_masks
 
                     save_masks(kept, tmp)
-            history["adapter_dir"] = str(root / "adapter")
+            history["adapter_dir"] = (root / "adapter").relative_to(out_dir).as_posix()
     acc.wait_for_everyone()
     if cfg.gradient_checkpointing:
         _checkpointing(peft_model.get_base_model(), False)

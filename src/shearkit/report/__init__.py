@@ -1,14 +1,17 @@
 """Reports: a run directory rendered as markdown and one self-contained HTML page, with plots.
 
 `write_report(run_dir, vs=[...])` reads the run (recipe, metrics, plan, training log, environment),
-compares it with the dense model measured in the same run and with other runs, and writes
+compares its final model with the dense model and the pruned model before recovery measured in the
+same run, and with other runs, and writes
 `report.md`, `figures/*.png` and `report.html` (figures inlined as base64 PNG) into
 `<run_dir>/report/` or `out`.
 
 Methods can add plots without touching this package: any entry of `plan.extra` that is a list of
 numbers (per layer or per step), a dict of such lists (several series), or a dict of number by
 layer index is drawn under "Method records" (e.g. `extra["layer_importance"] = [...]`,
-`extra["knowledge_distribution"] = {"attn": [...], "mlp": [...]}`).
+`extra["knowledge_distribution"] = {"attn": [...], "mlp": [...]}`). A series whose values are all
+equal becomes one sentence; the structured planner's own records (dense layers, layer sizes) are
+drawn in the plan figure instead.
 """
 from __future__ import annotations
 

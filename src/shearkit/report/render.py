@@ -74,7 +74,8 @@ def fmt(x: Any) -> str:
 
 # -- markdown ------------------------------------------------------------------------------------
 
-def _md_cell(x: Any) -> str:
+def md_cell(x: Any) -> str:
+    """A markdown table cell: formatted, pipes escaped, on one line."""
     return fmt(x).replace("|", "\\|").replace("\n", " ")
 
 
@@ -88,9 +89,9 @@ def to_markdown(doc: Document, figure_dir: str = "figures") -> str:
             if isinstance(b, Text):
                 out += [b.text, ""]
             elif isinstance(b, Table):
-                out.append("| " + " | ".join(_md_cell(c) for c in b.columns) + " |")
+                out.append("| " + " | ".join(md_cell(c) for c in b.columns) + " |")
                 out.append("|" + "|".join("---" for _ in b.columns) + "|")
-                out += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in b.rows]
+                out += ["| " + " | ".join(md_cell(c) for c in r) + " |" for r in b.rows]
                 out.append("")
             elif isinstance(b, Figure):
                 out += [f"![{b.caption}]({figure_dir}/{b.name}.png)", "", f"*{b.caption}*", ""]
@@ -113,7 +114,19 @@ tr:nth-child(even) td{background:#fafafa}
 figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #ddd}
 figcaption{color:#555;font-size:.9rem}
 pre{background:#f6f8fa;padding:.8rem;overflow-x:auto;font-size:.85rem}
+code{background:#f3f3f3;padding:0 .2rem;border-radius:3px;font-size:.9em}pre code{background:none;padding:0}
 """
+_CODE_SPAN = re.compile(r"`([^`]+)`")
+
+
+def inline_html(text: str) -> str:
+    """Escaped HTML of a line of prose, with markdown's `code` spans rendered as <code> (the same text
+    reads the same in report.md and report.html)."""
+    out, pos = [], 0
+    for m in _CODE_SPAN.finditer(text):
+        out += [html.escape(text[pos:m.start()]), f"<code>{html.escape(m.group(1))}</code>"]
+        pos = m.end()
+    return "".join(out) + html.escape(text[pos:])
 
 
 def to_html(doc: Document) -> str:
@@ -122,24 +135,25 @@ def to_html(doc: Document) -> str:
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
              f"<title>{e(doc.title)}</title><style>{_CSS}</style></head><body>",
-             f"<h1>{e(doc.title)}</h1>", f'<p class="subtitle">{e(doc.subtitle)}</p>', "<nav><ul>"]
+             f"<h1>{e(doc.title)}</h1>", f'<p class="subtitle">{inline_html(doc.subtitle)}</p>', "<nav><ul>"]
     parts += [f'<li><a href="#{s.anchor}">{e(s.title)}</a></li>' for s in doc.sections]
     parts.append("</ul></nav>")
     for s in doc.sections:
         parts.append(f'<section id="{s.anchor}"><h2>{e(s.title)}</h2>')
         for b in s.blocks:
             if isinstance(b, Text):
-                parts.append(f"<p>{e(b.text)}</p>")
+                parts.append(f"<p>{inline_html(b.text)}</p>")
             elif isinstance(b, Table):
                 cls = f' class="{e(b.name)}"' if b.name else ""
-                parts.append(f"<table{cls}><thead><tr>" + "".join(f"<th>{e(fmt(c))}</th>" for c in b.columns)
-                             + "</tr></thead><tbody>")
-                parts += ["<tr>" + "".join(f"<td>{e(fmt(c))}</td>" for c in r) + "</tr>" for r in b.rows]
+                parts.append(f"<table{cls}><thead><tr>" + "".join(f"<th>{inline_html(fmt(c))}</th>"
+                                                                  for c in b.columns) + "</tr></thead><tbody>")
+                parts += ["<tr>" + "".join(f"<td>{inline_html(fmt(c))}</td>" for c in r) + "</tr>" for r in b.rows]
                 parts.append("</tbody></table>")
             elif isinstance(b, Figure):
                 data = base64.b64encode(b.png).decode("ascii")
-                parts.append(f'<figure id="fig-{e(b.name)}"><img alt="{e(b.caption)}" '
-                             f'src="data:image/png;base64,{data}"><figcaption>{e(b.caption)}</figcaption></figure>')
+                parts.append(f'<figure id="fig-{e(b.name)}"><img alt="{e(b.caption.replace("`", ""))}" '
+                             f'src="data:image/png;base64,{data}"><figcaption>{inline_html(b.caption)}</figcaption>'
+                             "</figure>")
             elif isinstance(b, Code):
                 parts.append(f"<pre><code>{e(b.text)}</code></pre>")
         parts.append("</section>")

@@ -35,10 +35,19 @@ class RunData:
         """Task -> result record of the final model."""
         return self.metrics.get("tasks") or {}
 
-    @property
-    def dense_tasks(self) -> dict[str, dict]:
-        """Task -> result record of the dense model measured in the same run (prune runs)."""
-        return (self.metrics.get("dense") or {}).get("tasks") or {}
+    def find(self, recorded: str | None) -> Path | None:
+        """A file the run's metrics name (e.g. `recover.plot`), resolved against the run directory, so a
+        moved run directory still finds its files. Runs written before paths were stored relative to the
+        run directory name them from the caller's working directory; their tail inside the run directory
+        is tried too. None when the file is not there."""
+        if not recorded:
+            return None
+        parts = Path(recorded).parts
+        for i in range(len(parts)):
+            p = self.path.joinpath(*parts[i:])
+            if not Path(parts[i]).is_absolute() and p.exists():
+                return p
+        return None
 
 
 def _read_json(p: Path) -> Any:
