@@ -71,11 +71,20 @@ def save_row(row: dict) -> dict[str, dict]:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with results_lock():
         results = load_results()
-        results[row["key"]] = row
+        results[row["key"]] = merge_attempt(results.get(row["key"]), row)
         tmp = RESULTS.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text("".join(json.dumps(v) + "\n" for v in results.values()))
         os.replace(tmp, RESULTS)
     return results
+
+
+def merge_attempt(before: dict | None, row: dict) -> dict:
+    """The row to keep for a cell: a failed or timed-out attempt does not erase an earlier finished
+    measurement; it is recorded beside it as `last_attempt`."""
+    if row.get("status") == "ok" or not before or before.get("status") != "ok":
+        return row
+    attempt = {k: row[k] for k in ("status", "wall_s", "date", "error", "protocol") if k in row}
+    return {**before, "last_attempt": attempt}
 
 
 def row_protocol(row: dict) -> dict:

@@ -81,3 +81,12 @@ def test_table_marks_ptb_figures_on_the_old_text(grid):
     lines = {l.split("|")[2].strip(): l for l in doc.splitlines() if l.startswith("| wanda")}
     assert "90.00 †" in lines["0.5"] and "†" not in lines["0.6"]
     assert "† PTB measured on the old text" in doc
+
+
+def test_failed_attempt_keeps_the_earlier_measurement(grid):
+    grid.save_row(_row(grid, "dense-r0", "dense"))
+    grid.save_row({**_row(grid, "dense-r0", "dense"), "status": "timeout", "wikitext2": None, "ptb": None})
+    kept = grid.load_results()["dense-r0"]
+    assert kept["status"] == "ok" and kept["ptb"] == 90.0 and kept["last_attempt"]["status"] == "timeout"
+    grid.save_row({**_row(grid, "dense-r0", "dense"), "ptb": 63.0})
+    assert "last_attempt" not in grid.load_results()["dense-r0"]
