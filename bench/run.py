@@ -33,6 +33,7 @@ from filelock import FileLock
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "grid.jsonl"
 LOCK_TIMEOUT_S = 600
+THREADS = 1  # torch threads per cell process (--threads); recorded with each row
 DOC = ROOT / "docs" / "benchmarks.md"
 IMG = ROOT / "docs" / "img"
 START, END = "<!-- grid:start -->", "<!-- grid:end -->"
@@ -128,6 +129,7 @@ def run_cell(method: str, ratio: float, nm: str | None, recover: int, budget_s: 
     t0 = time.perf_counter()
     row = {"key": key, "method": method, "ratio": ratio, "nm": nm, "recover_steps": recover, "protocol": PROTOCOL,
            "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+           "threads": THREADS,
            "date": time.strftime("%Y-%m-%d")}
     err = _shearkit(cmd, budget_s)
     row["wall_s"] = time.perf_counter() - t0
@@ -150,16 +152,18 @@ def reeval_cell(row: dict, budget_s: int, workdir: Path) -> dict:
         return {**row, "reeval": {**err, "wall_s": wall, "date": time.strftime("%Y-%m-%d")}}
     new = read_eval(json.loads((out / "metrics.json").read_text()), dict(row))
     new.pop("reeval", None)
-    new.update(eval_wall_s=wall, eval_date=time.strftime("%Y-%m-%d"),
+    new.update(eval_wall_s=wall, eval_date=time.strftime("%Y-%m-%d"), eval_threads=THREADS,
                protocol={**row_protocol(row), **{k: new["protocol"][k] for k in EVAL_KEYS}})
     return new
 
 
 def _shearkit(cmd: list[str], budget_s: int) -> dict | None:
-    """Run one shearkit command in a child process; None when it succeeded, else the failure fields."""
+    """Run one shearkit command in a child process with THREADS torch threads (more threads than free
+    cores make a shared machine crawl); None when it succeeded, else the failure fields."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
     try:
         proc = subprocess.run([sys.executable, "-m", "shearkit.cli", *cmd], capture_output=True, text=True,
-                              timeout=budget_s)
+                              timeout=budget_s, env=env)
     except subprocess.TimeoutExpired:
         return {"status": "timeout"}
     if proc.returncode != 0:
@@ -276,12 +280,15 @@ def main() -> None:
     ap.add_argument("--methods", help="comma-separated subset of methods")
     ap.add_argument("--ratios", help="comma-separated subset of ratios")
     ap.add_argument("--budget", type=int, default=1800, help="seconds per cell before it is stopped")
+    ap.add_argument("--threads", type=int, default=THREADS, help="torch threads per cell process (default 1)")
     ap.add_argument("--redo", action="store_true", help="prune and measure again even cells already current")
     ap.add_argument("--reeval-only", action="store_true",
                     help="only re-evaluate cells whose kept model is there; never prune")
     ap.add_argument("--render-only", action="store_true")
     ap.add_argument("--workdir", default=str(ROOT / "bench" / "out" / "grid"))
     a = ap.parse_args()
+    global THREADS
+    THREADS = a.threads
     results = load_results()
     if not a.render_only:
         methods = set(a.methods.split(",")) if a.methods else None
