@@ -276,6 +276,7 @@ def render(results: dict[str, dict]) -> None:
 
 
 def main() -> None:
+    global THREADS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", help="comma-separated subset of methods")
     ap.add_argument("--ratios", help="comma-separated subset of ratios")
@@ -287,7 +288,6 @@ def main() -> None:
     ap.add_argument("--render-only", action="store_true")
     ap.add_argument("--workdir", default=str(ROOT / "bench" / "out" / "grid"))
     a = ap.parse_args()
-    global THREADS
     THREADS = a.threads
     results = load_results()
     if not a.render_only:
