@@ -9,7 +9,9 @@ Protocol (fixed for every cell; recorded with each row): calibration 64 windows 
 `c4`, seed 0; WikiText-2 and PTB perplexity (`ppl_concat`, seqlen 512, first 40 windows; PTB rows
 are the stripped lines, recorded as `ptb_text`); LoRA recovery only where a cell names a step count
 (budget in tokens = steps x batch x seqlen, recorded).
-Each cell runs `shearkit prune` in its own process with a time budget and keeps the pruned model
+Each cell runs `shearkit prune` in its own process (one torch thread unless --threads says
+otherwise: on a shared machine more threads than free cores slow every window many times over) with
+a time budget and keeps the pruned model
 (bench/out/grid/<cell>/model, git-ignored). Cells whose recorded protocol is the current one are
 skipped on the next run, so a grid completes over several sittings; a cell whose protocol differs
 only in its evaluation is re-evaluated from its kept model without pruning again. Results are
