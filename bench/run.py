@@ -208,8 +208,8 @@ def protocol_marks(row: dict, notes: dict[str, str]) -> tuple[str, str]:
     if "ptb_text" in diff:
         ptb_mark = " †"
         notes[ptb_mark.strip()] = (f"PTB measured on the old text ({row_protocol(row)['ptb_text']}, before each line "
-                                   f"was stripped): not comparable with the unmarked PTB figures; the cell awaits "
-                                   f"re-evaluation.")
+                                   f"was stripped): not comparable with the unmarked PTB figures; the cell awaits a "
+                                   f"re-run.")
     other = sorted(diff - {"ptb_text"})
     if other:
         row_mark = " ‡"
