@@ -35,6 +35,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "bench" / "llmc_worker.py"
 EVAL_SETS = ("wikitext2", "ptb")
+OLD_PTB_TEXT = "raw lines"  # results from before `ptb_text` was recorded: each PTB line's space and newline kept
+OLD_PTB_NOTE = ("† PTB measured on the old PTB text (each line's leading space and trailing newline kept, before "
+                "shearkit's PTB rows became the stripped lines of the standard `ptb_text_only` loader). Both "
+                "implementations were evaluated on that same text, so the paired comparison stands, but these PTB "
+                "figures are not comparable with those in docs/benchmarks.md. Not re-run.")
 
 
 def loadavg() -> list[float]:
@@ -170,6 +175,18 @@ def _proto_key(r: dict) -> tuple:
     return (p.get("n"), p.get("limit"), p.get("calib_sha256"))
 
 
+def ptb_text() -> str:
+    """Which PTB text shearkit evaluates on now (from the data record), recorded with new results."""
+    from shearkit.data import load_rows
+
+    return load_rows("ptb").record.get("rows", OLD_PTB_TEXT)
+
+
+def _ptb_label(ptb_text: str | None) -> str:
+    """The PTB column's label: marked when the figure was measured on the old text."""
+    return "ptb †" if (ptb_text or OLD_PTB_TEXT) == OLD_PTB_TEXT else "ptb"
+
+
 def render(data: dict) -> str:
     rows = data.get("rows", [])
     for r in rows:  # rows written before rows carried their protocol share the file's
@@ -187,7 +204,11 @@ def render(data: dict) -> str:
           "are loaded into shearkit's copy of the base model.", ""]
     if data.get("dense"):
         d = data["dense"]
-        L += [f"Dense model: WikiText-2 {fmt(d['wikitext2'])}, PTB {fmt(d['ptb'])}.", ""]
+        old = _ptb_label(d.get("ptb_text")) != "ptb"
+        L += [f"Dense model: WikiText-2 {fmt(d['wikitext2'])}, PTB {fmt(d['ptb'])}{' †' if old else ''}.", ""]
+    if any(_ptb_label(r["protocol"].get("ptb_text")) != "ptb" for r in rows) or (
+            data.get("dense") and _ptb_label(data["dense"].get("ptb_text")) != "ptb"):
+        L += [OLD_PTB_NOTE, ""]
     groups: dict[tuple, list] = {}
     for r in rows:
         groups.setdefault(_proto_key(r), []).append(r)
@@ -201,7 +222,8 @@ def render(data: dict) -> str:
             for ds in EVAL_SETS:
                 o, t = r["ours"]["ppl"][ds], r["theirs"]["ppl"][ds]
                 rel = (o - t) / t
-                L.append(f"| {r['method']} | {r['pattern']} | {ds} | {fmt(o)} | {fmt(t)} | {rel * 100:+.2f}% | "
+                label = _ptb_label(r["protocol"].get("ptb_text")) if ds == "ptb" else ds
+                L.append(f"| {r['method']} | {r['pattern']} | {label} | {fmt(o)} | {fmt(t)} | {rel * 100:+.2f}% | "
                          f"{'yes' if abs(rel) <= 0.02 else 'no'} |")
         L += ["", "Pruning time (the pruning call only; model loading, saving and evaluation excluded). "
               "Wall ratio below 1 means ours is faster. The machine was shared with other jobs, so CPU "
@@ -235,7 +257,8 @@ def render(data: dict) -> str:
             e = r["ours_eager_calib"]
             for ds in EVAL_SETS:
                 t = r["theirs"]["ppl"][ds]
-                L.append(f"| {r['method']} | {r['pattern']} | {ds} | {fmt(r['ours']['ppl'][ds])} | {fmt(e['ppl'][ds])} | "
+                label = _ptb_label(r["protocol"].get("ptb_text")) if ds == "ptb" else ds
+                L.append(f"| {r['method']} | {r['pattern']} | {label} | {fmt(r['ours']['ppl'][ds])} | {fmt(e['ppl'][ds])} | "
                          f"{fmt(t)} | {(e['ppl'][ds] - t) / t * 100:+.2f}% | {e['mask_agreement_vs_theirs']['same_fraction']} |")
         L.append("")
     L += ["## Commands", "", "```sh", *data.get("commands", []), "```", "",
@@ -333,7 +356,8 @@ def main(argv=None) -> int:
                      "calib_sha256": hashlib.sha256(calib.to(torch.int64).numpy().tobytes()).hexdigest(),
                      "eval": f"WikiText-2 and PTB test, seqlen {args.seqlen}, first {args.limit} windows",
                      "n": args.n, "seqlen": args.seqlen, "limit": args.limit,
-                     "sparsity": 0.5, "sparsegpt": {"damp": 0.01, "blocksize": 128}},
+                     "sparsity": 0.5, "sparsegpt": {"damp": 0.01, "blocksize": 128},
+                     "ptb_text": ptb_text()},
         "environment": {"machine": f"{os.cpu_count()} CPU cores (shared with other jobs), no GPU, {platform.machine()}",
                         "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
                         "versions_main": versions_main()},
@@ -342,7 +366,7 @@ def main(argv=None) -> int:
     for r in data["rows"]:
         r.setdefault("protocol", prev.get("protocol", {}))
     if not args.no_dense:
-        data["dense"] = evaluate(model, tok, args.limit, args.seqlen)
+        data["dense"] = {**evaluate(model, tok, args.limit, args.seqlen), "ptb_text": ptb_text()}
         print("dense", data["dense"], flush=True)
     del model
 

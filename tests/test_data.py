@@ -21,6 +21,30 @@ def test_ptb_joined_with_space(data_dir):
     assert rows.joiner == " " and len(rows.rows) == 3761
 
 
+def _file_lines(path) -> list[str]:
+    """The lines of a text file, without their line ends, read independently of the loader."""
+    lines = path.read_bytes().decode("utf-8").split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
+
+
+@pytest.mark.parametrize("split", ["test", "validation"])
+def test_ptb_text_is_the_stripped_standard_one(data_dir, split):
+    """The `ptb_text_only` hub script yields each line stripped; the SparseGPT/Wanda/BESA protocol joins
+    those with ' ', LoRAPrune's with '\\n\\n' (the joiner stays selectable)."""
+    stripped = [line.strip() for line in _file_lines(data_dir / "ptb" / f"{split}.txt")]
+    assert load_rows("ptb", split, data_dir=data_dir).text == " ".join(stripped)
+    assert load_rows("ptb", split, data_dir=data_dir, joiner="\n\n").text == "\n\n".join(stripped)
+    assert load_rows("ptb", split, data_dir=data_dir).record["rows"] == "stripped lines"
+
+
+def test_wikitext2_text_keeps_raw_lines(data_dir):
+    """WikiText-2 rows stay the HF `text` loader's: raw lines, whitespace-only ones emptied."""
+    lines = _file_lines(data_dir / "wikitext-2-raw" / "test.txt")
+    expected = "\n\n".join(line + "\n" if line.strip() else "" for line in lines)
+    rows = load_rows("wikitext2", data_dir=data_dir)
+    assert rows.text == expected and "rows" not in rows.record
+
+
 def test_c4_concatenates_both_files(data_dir):
     rows = load_rows("c4", data_dir=data_dir)
     assert len(rows.record["source"]) == 2

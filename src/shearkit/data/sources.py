@@ -29,6 +29,7 @@ class TextSet:
     hub: tuple | None = None  # (path, config, {split: hub_split}, text field)
     description: str = ""
     calibration_ok: bool = True
+    strip: bool = False  # rows are stripped lines (as the hub script yields them), not raw lines
 
 
 DATASETS: dict[str, TextSet] = {s.name: s for s in [
@@ -37,7 +38,8 @@ DATASETS: dict[str, TextSet] = {s.name: s for s in [
             "WikiText-2 raw; perplexity on the test split, rows joined with '\\n\\n'", calibration_ok=False),
     TextSet("ptb", "eval", {"test": ("ptb/test.txt",), "validation": ("ptb/validation.txt",)},
             " ", "test", ("ptb_text_only", "penn_treebank", {}, "sentence"),
-            "Penn Treebank (text only); perplexity on the test split, lines joined with ' '"),
+            "Penn Treebank (text only); perplexity on the test split, stripped lines joined with ' '",
+            strip=True),
     TextSet("c4", "text", {"train": ("calib/exllamav2_c4.txt", "calib/llamafactory_c4_demo.jsonl")},
             "\n\n", "train", ("allenai/c4", "en", {"train": "validation"}, "text"),
             "C4 web text for calibration and pretraining-style recovery (both local C4 files)"),
@@ -99,11 +101,11 @@ def load_rows(name: str, split: str | None = None, data_dir: str | os.PathLike |
                                 f"data directory {root}.")
         rows: list[str] = []
         for f in files:
-            rows += _read_rows(f)
+            rows += _read_rows(f, ds.strip)
         if not any(r.strip() for r in rows):
             raise ShearkitError(f"Data set '{name}': {', '.join(map(str, files))} holds no text.")
         return TextRows(rows, j, {"dataset": name, "split": split, "joiner": j,
-                                  "source": [str(f) for f in files]})
+                                  "source": [str(f) for f in files], **_strip_record(ds)})
     return _hub_rows(ds, split, j)
 
 
@@ -122,10 +124,16 @@ def _file_rows(path: Path, joiner: str | None) -> TextRows:
     return TextRows(rows, j, {"dataset": str(path), "split": "file", "joiner": j, "source": [str(path)]})
 
 
-def _read_rows(path: Path) -> list[str]:
+def _strip_record(ds: TextSet) -> dict:
+    """The record entry that says a set's rows are stripped lines, so figures on older raw-line text are told apart."""
+    return {"rows": "stripped lines"} if ds.strip else {}
+
+
+def _read_rows(path: Path, strip: bool = False) -> list[str]:
     """Rows of a local file. Plain text: one row per line, as the HF `text` loader gives them
     (blank lines become '', other lines keep their trailing newline, which is what the
-    WikiText-2 perplexity protocol joins). jsonl/json: the `text` field of each record."""
+    WikiText-2 perplexity protocol joins); with `strip`, each line stripped, as the PTB hub
+    script (`ptb_text_only`) yields them. jsonl/json: the `text` field of each record."""
     if path.suffix == ".jsonl":
         out = []
         with open(path, encoding="utf-8") as f:
@@ -138,7 +146,7 @@ def _read_rows(path: Path) -> list[str]:
         recs = json.loads(path.read_text(encoding="utf-8"))
         return [_record_text(r, path, i) for i, r in enumerate(recs)]
     with open(path, encoding="utf-8") as f:
-        return [line if line.strip() else "" for line in f.readlines()]
+        return [line.strip() if strip else (line if line.strip() else "") for line in f]
 
 
 def _record_text(rec, path: Path, i: int) -> str:
@@ -169,7 +177,7 @@ def _hub_rows(ds: TextSet, split: str, joiner: str) -> TextRows:
         ) from None
     rows = list(d[field_name]) if field_name else [_record_text(r, Path(path), i) for i, r in enumerate(d)]
     return TextRows(rows, joiner, {"dataset": ds.name, "split": split, "joiner": joiner,
-                                   "source": [f"hub:{path}/{config}/{hub_split}"]})
+                                   "source": [f"hub:{path}/{config}/{hub_split}"], **_strip_record(ds)})
 
 
 def load_instructions(name: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
