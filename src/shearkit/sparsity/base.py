@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from tqdm.auto import tqdm
 
 from ..arch import get_adapter
 from ..arch.base import BlockView
@@ -122,11 +123,13 @@ class BlockwiseSparsifier(PruneMethod):
                 if calib is None:
                     raise ShearkitError(f"Method '{self.name}' needs calibration tokens.")
                 inputs = capture_inputs(model, calib, batch_size=cfg.batch_size, device=cfg.device,
-                                        offload_activations=cfg.offload_activations)
+                                        offload_activations=cfg.offload_activations,
+                                        desc=f"{self.name} calibration")
                 self.walk(model, inputs, lambda v, x: record(v, self.prune_block(v, x)))
             else:
                 dev = resolve_compute_device(model, cfg.device)
-                for view in get_adapter(model).blocks():
+                for view in tqdm(get_adapter(model).blocks(), desc=f"{self.name} blocks", leave=False,
+                                 unit="block"):
                     home = next(view.module.parameters()).device
                     view.module.to(dev)
                     record(view, self.prune_block(view, None))
