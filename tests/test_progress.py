@@ -23,3 +23,27 @@ def test_long_loops_show_progress(method, options, labels, capsys, monkeypatch):
     err = capsys.readouterr().err
     for label in labels:
         assert label in err, (label, err[-500:])
+
+
+@pytest.mark.slow  # a fresh interpreter: importing torch and transformers takes a while
+def test_tqdm_disable_hides_every_bar():
+    """TQDM_DISABLE=1 (read by tqdm at import) silences the bars: nothing is forced on."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import torch, shearkit\n"
+        "torch.set_num_threads(1)\n"
+        "from conftest import make_tiny\n"
+        "calib = torch.randint(0, 320, (2, 8))\n"
+        "for method in ('magnitude', 'wanda', 'besa', 'llm-pruner'):\n"
+        "    shearkit.prune(make_tiny('llama'), None, method, 0.3, calib=calib)\n"
+        "print('done')\n")
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "done", r.stderr[-2000:]
+    assert "it/s" not in r.stderr and "batch/s" not in r.stderr and "block/s" not in r.stderr
+    assert "%|" not in r.stderr, r.stderr[-2000:]

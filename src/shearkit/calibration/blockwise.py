@@ -171,7 +171,7 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 
             at a time to `device` (device memory: one block plus one batch).
         desc: show a progress bar with that label.
     """
-    from tqdm.auto import tqdm
+    from ..progress import progress
 
     if tokens.dim() != 2:
         raise ShearkitError(f"Calibration tokens must be a (samples, seqlen) tensor, got shape {tuple(tokens.shape)}.")
@@ -193,7 +193,7 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 
     hidden, args_l, kwargs_l = [], [], []
     try:
         starts = range(0, tokens.shape[0], batch_size)
-        for s in tqdm(starts, desc=desc, disable=desc is None, leave=False, unit="batch"):
+        for s in progress(starts, desc, unit="batch"):
             ids = tokens[s:s + batch_size].to(dev)
             try:
                 model(input_ids=ids, use_cache=False)
@@ -236,11 +236,11 @@ def walk_blocks(model: nn.Module, inputs: BlockInputs, fn: BlockFn | None = None
     Blocks before `start` must already have been visited (the caller passes their output).
     `desc` shows a progress bar with that label.
     """
-    from tqdm.auto import tqdm
+    from ..progress import progress
 
     ad = get_adapter(model)
     stop = ad.num_layers if stop is None else stop
-    for i in tqdm(range(start, stop), desc=desc, disable=desc is None, leave=False, unit="block"):
+    for i in progress(range(start, stop), desc, unit="block"):
         view = ad.block_view(i)
         home = _module_device(view.module)
         view.module.to(inputs.device)

@@ -60,7 +60,7 @@ def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True,
         batch_size: windows per forward pass.
         desc: show a progress bar with that label.
     """
-    from tqdm.auto import tqdm
+    from ..progress import progress
 
     if tokens.dim() != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 2:
         raise ShearkitError(f"Calibration tokens must be a (n, seqlen>=2) tensor, got shape {tuple(tokens.shape)}.")
@@ -94,7 +94,7 @@ def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True,
         ctx = torch.enable_grad() if grads else torch.no_grad()
         with ctx:
             starts = range(0, tokens.shape[0], batch_size)
-            for i in tqdm(starts, desc=desc, disable=desc is None, leave=False, unit="batch"):
+            for i in progress(starts, desc, unit="batch"):
                 ids = tokens[i:i + batch_size].to(device)
                 out = model(input_ids=ids, labels=ids, use_cache=False)
                 if grads:

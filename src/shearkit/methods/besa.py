@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 from prodigyopt import Prodigy
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from ..calibration.blockwise import block_output
 from ..calibration.stats import collect_input_stats
 from ..errors import ShearkitError
 from ..io.atomic import write_json
+from ..progress import progress
 from ..sparsity.apply import load_masks, save_masks
 from ..sparsity.base import BlockwiseSparsifier, SparsityConfig
 from ..sparsity.besa import LayerAllocation, repair_counts
@@ -159,7 +159,7 @@ class Besa(BlockwiseSparsifier):
         dense = {rel: ref.weight.detach().clone() for rel, ref in refs.items()}
         loss_v = 0.0
         steps = [b for _ in range(cfg.epochs) for b in range(len(inputs))]  # epochs x batches
-        bar = tqdm(steps, desc=f"besa block {view.index}", leave=False, unit="batch")
+        bar = progress(steps, f"besa block {view.index}", unit="batch")
         for b in bar:
             masked = dict(fixed)
             for rel, ref in refs.items():

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from tqdm.auto import tqdm
 
 from ..arch import get_adapter
 from ..arch.base import BlockView
@@ -31,6 +30,7 @@ from ..calibration.stats import InputStats, collect_input_stats
 from ..errors import ShearkitError
 from ..methods import PruneConfig, PruneMethod
 from ..plan import Plan
+from ..progress import progress
 from .apply import PackedMasks
 from .layers import LinearRef, block_linears
 from .masks import parse_nm
@@ -128,8 +128,7 @@ class BlockwiseSparsifier(PruneMethod):
                 self.walk(model, inputs, lambda v, x: record(v, self.prune_block(v, x)))
             else:
                 dev = resolve_compute_device(model, cfg.device)
-                for view in tqdm(get_adapter(model).blocks(), desc=f"{self.name} blocks", leave=False,
-                                 unit="block"):
+                for view in progress(get_adapter(model).blocks(), f"{self.name} blocks", unit="block"):
                     home = next(view.module.parameters()).device
                     view.module.to(dev)
                     record(view, self.prune_block(view, None))
