@@ -2,7 +2,8 @@
 
 Each case either prunes a tiny random model and checks that the target is reached (exact
 sparsity for unstructured methods; for structured ones a parameter ratio at or above the
-target by no more than the planner's stated tolerance), that the model still runs, and that
+target by no more than the planner's stated tolerance), that the model still runs (and decodes
+with its KV cache as it computes without), and that
 it saves and reloads (with `shearkit.load`, and with plain transformers where the layout is
 plain or through its own modeling file) to the very same logits; or, where the method does
 not declare the family, that `shearkit.prune` refuses it by name and leaves the model as it was.
@@ -83,12 +84,23 @@ def _check_target(kind: str, plan, dense, model) -> None:
     assert target <= removed < target + tolerance, (removed, target, tolerance)
 
 
+def _greedy(model) -> list[int]:
+    """Six greedy tokens decoded with the KV cache, checked against full forwards without it."""
+    with torch.no_grad():
+        out = model.generate(PROBE[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        full = model(input_ids=out, use_cache=False).logits[0, PROBE.shape[1] - 1:-1].argmax(-1)
+    new = out[0, PROBE.shape[1]:].tolist()
+    assert new == full.tolist()  # cached decoding agrees with the uncached model
+    return new
+
+
 def _check_reload(tmp_path, model, tok, plan, want: torch.Tensor) -> None:
     from transformers import AutoModelForCausalLM
 
     out = shearkit.save(model, tok, tmp_path / "model", plan=plan)
     loaded, _ = shearkit.load(out, device="cpu", dtype="float32")
     torch.testing.assert_close(_logits(loaded), want, atol=1e-5, rtol=0)
+    assert _greedy(loaded) == _greedy(model)
     config = json.loads((out / "config.json").read_text())
     plain = "auto_map" not in config
     other = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=not plain).eval()
