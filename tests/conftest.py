@@ -124,3 +124,18 @@ def smollm():
     import shearkit
 
     return shearkit.load("smollm2-135m", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer(tiny_tokenizer):
+    """`tiny_tokenizer` that, like Llama's, puts a BOS token before every text it encodes
+    (unless asked for no special tokens): catches a BOS slipped into every window."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer.from_str(tiny_tokenizer.backend_tokenizer.to_str())
+    bos = tk.token_to_id("<s>")
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                      special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")

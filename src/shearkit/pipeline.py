@@ -55,8 +55,9 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
         if pcfg is not None:
             step(f"pruning with {pcfg.method} at ratio {pcfg.ratio}")
             tokens = None
-            from .methods import get_method
+            from .methods import check_family, get_method
 
+            check_family(pcfg.method, model)  # before the calibration data is read
             if get_method(pcfg.method).needs_calibration:
                 tokens = calib_tokens(tok, recipe.calib, data_dir)
             t0 = time.perf_counter()

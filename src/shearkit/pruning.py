@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from .errors import ShearkitError
-from .methods import PruneConfig, get_method, method_config
+from .methods import PruneConfig, check_family, get_method, method_config
 from .plan import Plan
 
 
@@ -40,11 +40,15 @@ def prune(model, tokenizer, method: str | PruneConfig, ratio: float | None = Non
             64 windows of 512 tokens from `c4`.
         dry_run: decide the plan without changing `model`.
         options: further fields of the method's config.
+
+    Raises:
+        ShearkitError: the method does not support the model's family (the message lists those it does).
     """
     from .recipe import CalibConfig
 
     cfg = resolve_config(method, ratio, **options)
     cls = get_method(cfg.method)
+    check_family(cfg.method, model)  # before any calibration data is read
     impl = cls(cfg)
     tokens = None
     if cls.needs_calibration:

@@ -156,7 +156,8 @@ def resolve_compute_device(model: nn.Module, device: str | torch.device | None) 
 
 @torch.no_grad()
 def capture_inputs(model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 1,
-                   device: str | torch.device | None = None, offload_activations: bool = False) -> BlockInputs:
+                   device: str | torch.device | None = None, offload_activations: bool = False,
+                   desc: str | None = None) -> BlockInputs:
     """Record the first decoder block's inputs for each batch of calibration `tokens`.
 
     Only the stem (everything outside the decoder blocks) is moved to `device` for this;
@@ -168,7 +169,10 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 
         device: compute device; None = the model's device.
         offload_activations: keep the calibration activations on the CPU and move one batch
             at a time to `device` (device memory: one block plus one batch).
+        desc: show a progress bar with that label.
     """
+    from ..progress import progress
+
     if tokens.dim() != 2:
         raise ShearkitError(f"Calibration tokens must be a (samples, seqlen) tensor, got shape {tuple(tokens.shape)}.")
     if batch_size < 1:
@@ -188,7 +192,8 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     hidden, args_l, kwargs_l = [], [], []
     try:
-        for s in range(0, tokens.shape[0], batch_size):
+        starts = range(0, tokens.shape[0], batch_size)
+        for s in progress(starts, desc, unit="batch"):
             ids = tokens[s:s + batch_size].to(dev)
             try:
                 model(input_ids=ids, use_cache=False)
@@ -231,11 +236,11 @@ def walk_blocks(model: nn.Module, inputs: BlockInputs, fn: BlockFn | None = None
     Blocks before `start` must already have been visited (the caller passes their output).
     `desc` shows a progress bar with that label.
     """
-    from tqdm.auto import tqdm
+    from ..progress import progress
 
     ad = get_adapter(model)
     stop = ad.num_layers if stop is None else stop
-    for i in tqdm(range(start, stop), desc=desc, disable=desc is None, leave=False, unit="block"):
+    for i in progress(range(start, stop), desc, unit="block"):
         view = ad.block_view(i)
         home = _module_device(view.module)
         view.module.to(inputs.device)

@@ -168,8 +168,9 @@ def list_cmd() -> None:
         from ..methods import METHODS
     except ModuleNotFoundError:
         METHODS = {}
-    print_table("methods", ["method", "kind", "description"], [[k, v.kind, v.description] for k, v in sorted(METHODS.items())]
-                or [["(none yet)", "", ""]])
+    print_table("methods", ["method", "kind", "families", "description"],
+                [[k, v.kind, ", ".join(v.families), v.description] for k, v in sorted(METHODS.items())]
+                or [["(none yet)", "", "", ""]])
     print_table("model families", ["family", "model types"],
                 [[f, ", ".join(sorted(t))] for f, t in sorted(supported_families().items())])
     print_table("data sets", ["name", "kind", "description"], [[k, v.kind, v.description] for k, v in DATASETS.items()])

@@ -50,7 +50,7 @@ def weight_view(module: nn.Module) -> torch.Tensor:
 
 
 def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True, act_norms: bool = False,
-                  batch_size: int = 1) -> Stats:
+                  batch_size: int = 1, desc: str | None = None) -> Stats:
     """Run the calibration tokens through `model` once and gather the statistics asked for.
 
     Args:
@@ -58,7 +58,10 @@ def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True,
         grads: accumulate loss gradients of the block weights (needs a backward pass).
         act_norms: accumulate per-input-feature squared activations.
         batch_size: windows per forward pass.
+        desc: show a progress bar with that label.
     """
+    from ..progress import progress
+
     if tokens.dim() != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 2:
         raise ShearkitError(f"Calibration tokens must be a (n, seqlen>=2) tensor, got shape {tuple(tokens.shape)}.")
     mods = block_linears(model)
@@ -90,7 +93,8 @@ def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True,
                 p.grad = None
         ctx = torch.enable_grad() if grads else torch.no_grad()
         with ctx:
-            for i in range(0, tokens.shape[0], batch_size):
+            starts = range(0, tokens.shape[0], batch_size)
+            for i in progress(starts, desc, unit="batch"):
                 ids = tokens[i:i + batch_size].to(device)
                 out = model(input_ids=ids, labels=ids, use_cache=False)
                 if grads:

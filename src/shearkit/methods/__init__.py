@@ -3,7 +3,10 @@
 A method module defines a config dataclass (subclass of `PruneConfig`) and a class with
 `run(model, tokenizer, calib) -> Plan`, registered with `@register_method`. To add a method,
 add one line to `_MODULES` below so that `shearkit list` and recipes know it without importing
-torch.
+torch; the line declares the model families (`arch` adapter families) the method supports, and
+`shearkit.prune` refuses the others by name. The method x family test matrix
+(tests/test_method_matrix.py) runs every registered method on every family, so a new line here
+is tested without editing the tests.
 """
 from __future__ import annotations
 
@@ -22,19 +25,23 @@ class MethodInfo:
     kind: str  # structured | unstructured | blocks
     description: str
     module: str
+    families: tuple[str, ...] = ()  # adapter families (see `shearkit list`) the method supports
 
 
-# name -> (module, kind, description): read without importing the module
-_MODULES: dict[str, tuple[str, str, str]] = {
-    "structured-magnitude": ("shearkit.methods.structured_magnitude", "structured", "Structured pruning by group weight magnitude (heads / KV groups, MLP channels)."),
-    "llm-pruner": ("shearkit.methods.llm_pruner", "structured", "LLM-Pruner: structured pruning by first-order Taylor importance (calibration gradients)."),
-    "magnitude": ("shearkit.methods.magnitude", "unstructured", "Magnitude: per-layer |W| threshold, unstructured or N:M"),
-    "wanda": ("shearkit.methods.wanda", "unstructured", "Wanda: |W|*||X|| per output row, unstructured or N:M"),
-    "sparsegpt": ("shearkit.methods.sparsegpt", "unstructured", "SparseGPT: Hessian-based pruning with OBS weight updates"),
-    "besa": ("shearkit.methods.besa", "unstructured", "BESA: learned per-layer/row sparsity, blockwise reconstruction"),
+ALL_FAMILIES = ("llama", "opt", "gpt2")  # every family `arch` adapts today
+
+# name -> (module, kind, description, families): read without importing the module
+_MODULES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
+    "structured-magnitude": ("shearkit.methods.structured_magnitude", "structured", "Structured pruning by group weight magnitude (heads / KV groups, MLP channels).", ALL_FAMILIES),
+    "llm-pruner": ("shearkit.methods.llm_pruner", "structured", "LLM-Pruner: structured pruning by first-order Taylor importance (calibration gradients).", ALL_FAMILIES),
+    "magnitude": ("shearkit.methods.magnitude", "unstructured", "Magnitude: per-layer |W| threshold, unstructured or N:M", ALL_FAMILIES),
+    "wanda": ("shearkit.methods.wanda", "unstructured", "Wanda: |W|*||X|| per output row, unstructured or N:M", ALL_FAMILIES),
+    "sparsegpt": ("shearkit.methods.sparsegpt", "unstructured", "SparseGPT: Hessian-based pruning with OBS weight updates", ALL_FAMILIES),
+    "besa": ("shearkit.methods.besa", "unstructured", "BESA: learned per-layer/row sparsity, blockwise reconstruction", ALL_FAMILIES),
 }
 
-METHODS: dict[str, MethodInfo] = {k: MethodInfo(k, kind, desc, mod) for k, (mod, kind, desc) in _MODULES.items()}
+METHODS: dict[str, MethodInfo] = {k: MethodInfo(k, kind, desc, mod, tuple(fams))
+                                  for k, (mod, kind, desc, fams) in _MODULES.items()}
 _CLASSES: dict[str, type] = {}
 
 
@@ -56,10 +63,12 @@ class PruneConfig:
 
 
 class PruneMethod:
-    """Base class of a method: declares what it needs; `run` returns a Plan."""
+    """Base class of a method: declares what it needs; `run` returns a Plan. A method registered
+    by decorator alone (not listed in `_MODULES`) declares `families` here."""
 
     name: ClassVar[str]
     kind: ClassVar[str]
+    families: ClassVar[tuple[str, ...]] = ()
     config_cls: ClassVar[type] = PruneConfig
     needs_calibration: ClassVar[bool] = True
     needs_grad: ClassVar[bool] = False
@@ -73,9 +82,13 @@ class PruneMethod:
 
 def register_method(cls):
     """Class decorator registering a PruneMethod under `cls.name`."""
-    _CLASSES[cls.name] = cls
     if cls.name not in METHODS:
-        METHODS[cls.name] = MethodInfo(cls.name, cls.kind, (cls.__doc__ or "").strip().splitlines()[0], cls.__module__)
+        if not cls.families:
+            raise ShearkitError(f"Method '{cls.name}' declares no model families; set `families` on the class "
+                                f"(e.g. {ALL_FAMILIES}) to the ones it supports.")
+        METHODS[cls.name] = MethodInfo(cls.name, cls.kind, (cls.__doc__ or "").strip().splitlines()[0], cls.__module__,
+                                       tuple(cls.families))
+    _CLASSES[cls.name] = cls
     return cls
 
 
@@ -86,6 +99,22 @@ def get_method(name: str) -> type:
     if name not in _CLASSES:
         importlib.import_module(METHODS[name].module)
     return _CLASSES[name]
+
+
+def check_family(name: str, model) -> None:
+    """Refuse, naming the supported families, a model whose family method `name` does not support."""
+    from ..arch import get_adapter
+    from ..graph.groups import unwrap
+
+    if name not in METHODS:
+        raise unknown("method", name, METHODS)
+    info = METHODS[name]
+    adapter = get_adapter(unwrap(model))  # an unknown architecture is refused here, by name
+    if adapter.family not in info.families:
+        raise ShearkitError(
+            f"Method '{name}' does not support the {adapter.family} family (model type "
+            f"'{adapter.config.model_type}'); it supports: {', '.join(info.families)}. Choose a method that "
+            f"lists {adapter.family} in `shearkit list`.")
 
 
 def method_config(data: dict) -> PruneConfig:

@@ -15,9 +15,9 @@ Lifecycle (per block, in order, on the outputs of the already pruned blocks):
    to the weight), zero the weights, checkpoint the block's masks when `resume_dir` is set.
 
 Deviations from the released code: plain softmax and a target-centred initialisation instead
-of sigmoid smoothing (which caps rates at ~0.62), an exact budget repair after learning, and
-AdamW (lr 1e-2, the code's `--normal-opt`) when the `prodigyopt` package is not installed
-(Prodigy, lr 1 and d_coef 5, is the paper's optimiser). The inert LoRA option is not ported.
+of sigmoid smoothing (which caps rates at ~0.62) and an exact budget repair after learning.
+The optimiser is the paper's Prodigy (lr 1, d_coef 5); `optimizer: adamw` (lr 1e-2) is the
+code's `--normal-opt`. The inert LoRA option is not ported.
 N:M is refused: a fixed pattern leaves no allocation to learn.
 """
 from __future__ import annotations
@@ -28,12 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from prodigyopt import Prodigy
 from torch.func import functional_call
 
 from ..calibration.blockwise import block_output
 from ..calibration.stats import collect_input_stats
 from ..errors import ShearkitError
 from ..io.atomic import write_json
+from ..progress import progress
 from ..sparsity.apply import load_masks, save_masks
 from ..sparsity.base import BlockwiseSparsifier, SparsityConfig
 from ..sparsity.besa import LayerAllocation, repair_counts
@@ -48,8 +50,8 @@ class BesaConfig(SparsityConfig):
     """`granularity`: "row" (one learned rate per output row, the paper's main setting) or
     "layer". `epochs`: passes over the calibration windows per block (1 in the paper).
     `sparsity_beta`: weight of the sparsity penalty (5 in the paper's scripts). `optimizer`:
-    "auto" (Prodigy if installed, else AdamW), "prodigy" or "adamw"; `lr` None = 1.0 for
-    Prodigy, 1e-2 for AdamW. `init_width`: width of the target-centred logit initialisation
+    "prodigy" (the paper's) or "adamw" ("auto", from older recipes, means prodigy); `lr` None =
+    1.0 for Prodigy, 1e-2 for AdamW. `init_width`: width of the target-centred logit initialisation
     (None = all-zero logits as in the code). `resume_dir`: checkpoint after every block there
     and resume from it."""
 
@@ -57,7 +59,7 @@ class BesaConfig(SparsityConfig):
     epochs: int = 1
     sparsity_beta: float = 5.0
     rate_step: float = 0.01
-    optimizer: str = "auto"
+    optimizer: str = "prodigy"
     lr: float | None = None
     d_coef: float = 5.0
     init_width: float | None = 0.05
@@ -73,23 +75,19 @@ class BesaConfig(SparsityConfig):
         super().__post_init__()
         if self.granularity not in ("row", "layer"):
             raise ShearkitError(f"prune.granularity must be 'row' or 'layer', got '{self.granularity}'.")
-        if self.optimizer not in ("auto", "prodigy", "adamw"):
-            raise ShearkitError(f"prune.optimizer must be auto, prodigy or adamw, got '{self.optimizer}'.")
+        if self.optimizer == "auto":  # older recipes: "auto" picked Prodigy whenever it was installed
+            self.optimizer = "prodigy"
+        if self.optimizer not in ("prodigy", "adamw"):
+            raise ShearkitError(f"prune.optimizer must be prodigy or adamw, got '{self.optimizer}'.")
         if self.ratio <= 0 or self.epochs < 1:
             raise ShearkitError("BESA needs ratio > 0 and epochs >= 1.")
 
 
 def _optimizer(cfg: BesaConfig, params):
-    """Prodigy when available (the paper's choice), else AdamW; returns (optimizer, name)."""
-    if cfg.optimizer in ("auto", "prodigy"):
-        try:
-            from prodigyopt import Prodigy
-        except ImportError:
-            if cfg.optimizer == "prodigy":
-                raise ShearkitError("optimizer 'prodigy' needs the prodigyopt package: pip install prodigyopt.") from None
-        else:
-            return Prodigy(params, lr=cfg.lr or 1.0, d_coef=cfg.d_coef, weight_decay=0.0), "prodigy"
-    return torch.optim.AdamW(params, lr=cfg.lr or 1e-2, weight_decay=0.0), "adamw"
+    """The configured optimiser over the allocation logits; returns (optimizer, name)."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr or 1e-2, weight_decay=0.0), "adamw"
+    return Prodigy(params, lr=cfg.lr or 1.0, d_coef=cfg.d_coef, weight_decay=0.0), "prodigy"
 
 
 @register_method
@@ -160,24 +158,26 @@ class Besa(BlockwiseSparsifier):
         fixed = {n: p.detach() for n, p in block.named_parameters()}
         dense = {rel: ref.weight.detach().clone() for rel, ref in refs.items()}
         loss_v = 0.0
-        for _ in range(cfg.epochs):
-            for b in range(len(inputs)):
-                masked = dict(fixed)
-                for rel, ref in refs.items():
-                    w = dense[rel] * allocs[rel].mask().to(dense[rel].dtype)
-                    masked[f"{rel}.weight"] = w.T if ref.transposed else w
-                with torch.enable_grad():
-                    y = block_output(functional_call(block, masked, (inputs.hidden_at(b), *inputs.args[b]),
-                                                     inputs.kwargs[b]))
-                    ref_y = targets[b].to(inputs.device).float()
-                    scale = ref_y.norm(dim=1, keepdim=True).clamp_min(1e-6)  # per sample, per channel
-                    rec = (((ref_y - y.float()) / scale) ** 2).sum() / (ref_y.shape[-1] * ref_y.shape[0])
-                    s_block = sum(allocs[rel].sparsity() * n for rel, n in sizes.items()) / n_total
-                    loss = rec + cfg.sparsity_beta * ((s_block - cfg.ratio) / cfg.ratio) ** 2
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                opt.step()
-                loss_v = float(loss.detach())
+        steps = [b for _ in range(cfg.epochs) for b in range(len(inputs))]  # epochs x batches
+        bar = progress(steps, f"besa block {view.index}", unit="batch")
+        for b in bar:
+            masked = dict(fixed)
+            for rel, ref in refs.items():
+                w = dense[rel] * allocs[rel].mask().to(dense[rel].dtype)
+                masked[f"{rel}.weight"] = w.T if ref.transposed else w
+            with torch.enable_grad():
+                y = block_output(functional_call(block, masked, (inputs.hidden_at(b), *inputs.args[b]),
+                                                 inputs.kwargs[b]))
+                ref_y = targets[b].to(inputs.device).float()
+                scale = ref_y.norm(dim=1, keepdim=True).clamp_min(1e-6)  # per sample, per channel
+                rec = (((ref_y - y.float()) / scale) ** 2).sum() / (ref_y.shape[-1] * ref_y.shape[0])
+                s_block = sum(allocs[rel].sparsity() * n for rel, n in sizes.items()) / n_total
+                loss = rec + cfg.sparsity_beta * ((s_block - cfg.ratio) / cfg.ratio) ** 2
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            opt.step()
+            loss_v = float(loss.detach())
+            bar.set_postfix(loss=f"{loss_v:.4g}", refresh=False)
         with torch.no_grad():
             rels = list(refs)
             learned = [allocs[r].row_rates() for r in rels]

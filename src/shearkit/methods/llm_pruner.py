@@ -70,7 +70,8 @@ class LLMPruner(PruneMethod):
         cfg = self.config
         if calib is None:
             raise ShearkitError("llm-pruner needs calibration tokens (gradients of the LM loss).")
-        stats = collect_stats(model, calib[: cfg.max_calib], grads=True, batch_size=cfg.batch_size)
+        stats = collect_stats(model, calib[: cfg.max_calib], grads=True, batch_size=cfg.batch_size,
+                              desc="llm-pruner gradients")
         m = unwrap(model)
         L = get_adapter(m).num_layers
         dense = set(dense_layers(L, cfg.dense_first, cfg.dense_last, llm_pruner_default=True))

@@ -30,6 +30,7 @@ from ..calibration.stats import InputStats, collect_input_stats
 from ..errors import ShearkitError
 from ..methods import PruneConfig, PruneMethod
 from ..plan import Plan
+from ..progress import progress
 from .apply import PackedMasks
 from .layers import LinearRef, block_linears
 from .masks import parse_nm
@@ -122,11 +123,12 @@ class BlockwiseSparsifier(PruneMethod):
                 if calib is None:
                     raise ShearkitError(f"Method '{self.name}' needs calibration tokens.")
                 inputs = capture_inputs(model, calib, batch_size=cfg.batch_size, device=cfg.device,
-                                        offload_activations=cfg.offload_activations)
+                                        offload_activations=cfg.offload_activations,
+                                        desc=f"{self.name} calibration")
                 self.walk(model, inputs, lambda v, x: record(v, self.prune_block(v, x)))
             else:
                 dev = resolve_compute_device(model, cfg.device)
-                for view in get_adapter(model).blocks():
+                for view in progress(get_adapter(model).blocks(), f"{self.name} blocks", unit="block"):
                     home = next(view.module.parameters()).device
                     view.module.to(dev)
                     record(view, self.prune_block(view, None))
