@@ -2,6 +2,7 @@
 
     python bench/tables.py            # rewrite the marked regions of docs/benchmarks.md
     python bench/tables.py --check    # exit 1 (and name the tables) when the doc differs
+    python bench/tables.py --plots    # also redraw bench/results/<method>_layer_sparsity_<tag>.png
 
 Each table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->`; everything between the
 markers is generated, so a figure typed into a table is overwritten (and `--check`, run by
@@ -14,6 +15,7 @@ tests/test_bench_tables.py, fails). The grid table has its own markers and gener
     sparsity.json               bench/bench_sparsity.py (the --memory record)
     grid.jsonl                  bench/run.py
     compare_llmc.json           bench/compare_llmcompressor.py
+    zeroshot.json               bench/bench_zeroshot.py
 """
 from __future__ import annotations
 
@@ -192,10 +194,24 @@ def llmc(results: Path) -> list[str]:
     return out
 
 
+def zeroshot(results: Path) -> list[str]:
+    """Zero-shot scores, one row per task, with the harness's standard errors."""
+    d = _load("zeroshot.json", results)
+    out = ["| task | examples | acc ± stderr | acc_norm ± stderr | main metric | harness | date |",
+           "|---|---|---|---|---|---|---|"]
+    for name, r in d["tasks"].items():
+        m, e = r["metrics"], r.get("stderr", {})
+        cell = lambda k: f"{m[k]:.3f} ± {e.get(k, float('nan')):.3f}" if k in m else "–"  # noqa: E731
+        out.append(f"| `{name}` | {r['n_samples']} | {cell('acc')} | {cell('acc_norm')} | {r['metric']} = "
+                   f"{r['value']:.3f} | {r['harness_version']} | {r['date']} |")
+    return out
+
+
 TABLES: dict[str, Callable[[Path], list[str]]] = {
     "dense-ppl": dense_ppl, "dense-size": dense_size, "sparsity-summary": sparsity_summary,
     "sparsity-memory": sparsity_memory, "llm-pruner-variants": llm_pruner_variants,
     "structured-quality": structured_quality, "structured-speed": structured_speed, "llmc": llmc,
+    "zeroshot": zeroshot,
 }
 
 
@@ -214,10 +230,24 @@ def render_doc(doc: str, results: Path = RESULTS) -> str:
     return REGION.sub(fill, doc)
 
 
+def redraw_plots(results: Path = RESULTS) -> list[Path]:
+    """Redraw the per-layer sparsity plots from the saved plans (plan_<method>_<tag>.json)."""
+    from shearkit.plan import Plan
+    from shearkit.sparsity.plot import plot_layer_sparsity
+
+    drawn = []
+    for plan_file in sorted(results.glob("plan_*_*.json")):
+        method, tag = plan_file.stem[len("plan_"):].rsplit("_", 1)
+        drawn.append(results / f"{method}_layer_sparsity_{tag}.png")
+        plot_layer_sparsity(Plan.load(plan_file), drawn[-1])
+    return drawn
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="only compare; exit 1 when the doc is out of date")
     ap.add_argument("--doc", default=str(DOC))
+    ap.add_argument("--plots", action="store_true", help="also redraw the per-layer sparsity plots from the plans")
     a = ap.parse_args()
     doc_path = Path(a.doc)
     doc = doc_path.read_text()
@@ -231,6 +261,8 @@ def main() -> None:
         tmp = doc_path.with_suffix(".md.tmp")
         tmp.write_text(new)
         tmp.replace(doc_path)
+    if a.plots:
+        redraw_plots()
 
 
 if __name__ == "__main__":
