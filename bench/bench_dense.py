@@ -60,7 +60,8 @@ def main() -> None:
                                decode_tokens=32)[a.model]
         result = load_results(out)
         result.update(model=a.model, params=shearkit.get_adapter(model).param_counts(),
-                      speed={**speed, "load_s": load_s, "machine": machine, "date": time.strftime("%Y-%m-%d")})
+                      speed={**speed, "load_s": load_s, "machine": machine, "loadavg": os.getloadavg(),
+                             "date": time.strftime("%Y-%m-%d")})
         write_json(out, result)
         print(json.dumps(result["speed"], default=str), flush=True)
     if a.part in ("ppl", "all"):

@@ -82,7 +82,7 @@ def main() -> None:
                "prefill_tok_s_pruned": speed["pruned"]["prefill_tokens_per_s"],
                "weight_mib_dense": speed["dense"]["weight_bytes"] / 2**20,
                "weight_mib_pruned": speed["pruned"]["weight_bytes"] / 2**20,
-               "setting": speed["dense"]["setting"],
+               "setting": speed["dense"]["setting"], "loadavg": os.getloadavg(),
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads",
                "date": time.strftime("%Y-%m-%d")}
         save_row(Path(a.out), row)

@@ -82,7 +82,7 @@ def dense_size(results: Path) -> list[str]:
         f"{st['decode_prompt']}, tokens/s | {_rate(s['decode_tokens_per_s'], 1)} |",
         f"| peak process RSS during prefill | {_mib(s['peak_memory_bytes'])} |",
         f"| load from the cache | {s['load_s']:.1f} s |",
-        f"| measured | {s['date']}, {s['machine']} |",
+        f"| measured | {s['date']}, {s['machine']}; load average {s['loadavg'][0]:.1f} on the machine (other jobs) |",
     ]
 
 
@@ -164,13 +164,14 @@ def structured_speed(results: Path) -> list[str]:
     """Structured pruning: measured speed-ups against the FLOPs ideal."""
     rows = _load("structured.json", results)
     out = ["| method | ratio | ideal speed-up (FLOPs) | prefill speed-up | measured / ideal | prefill tokens/s dense, "
-           "pruned (medians; ranges) | decode speed-up | weights | date |", "|---|---|---|---|---|---|---|---|---|"]
+           "pruned (medians; ranges) | decode speed-up | weights | load average | date |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d, p = r["prefill_tok_s_dense"], r["prefill_tok_s_pruned"]
         out.append(f"| {r['method']} | {r['ratio']:g} | {r['ideal_speedup']:.3f} | {r['prefill_speedup']:.3f} | "
                    f"{r['prefill_speedup'] / r['ideal_speedup']:.2f} | {d['median']:.0f}, {p['median']:.0f} "
                    f"({d['min']:.0f}-{d['max']:.0f}; {p['min']:.0f}-{p['max']:.0f}) | {r['decode_speedup']:.3f} | "
-                   f"{r['weight_mib_dense']:.0f} → {r['weight_mib_pruned']:.0f} MiB | {r['date']} |")
+                   f"{r['weight_mib_dense']:.0f} → {r['weight_mib_pruned']:.0f} MiB | {r['loadavg'][0]:.1f} | {r['date']} |")
     s = rows[0]["setting"]
     out += ["", f"Speed setting: prefill batch {s['batch']} × {s['length']} tokens, greedy decode of "
             f"{s['decode_tokens']} tokens after a {s['decode_prompt']}-token prompt, median of {s['repeats']} after "
