@@ -39,9 +39,10 @@ def test_every_table_line_is_inside_a_generated_region(tables):
 
 def test_a_figure_typed_into_a_region_is_overwritten(tables):
     doc = DOC.read_text()
-    m = next(m for m in tables.REGION.finditer(doc) if "|" in m.group("body"))
+    m = next(m for m in tables.REGION.finditer(doc) if re.search(r"^\|.*\d", m.group("body"), re.M))
     body = m.group("body")
-    edited = doc[: m.start("body")] + re.sub(r"\d", "7", body, count=1) + doc[m.end("body"):]
+    typed = re.sub(r"^(\|.*?)(\d)", lambda d: d.group(1) + str((int(d.group(2)) + 1) % 10), body, count=1, flags=re.M)
+    edited = doc[: m.start("body")] + typed + doc[m.end("body"):]
     assert edited != doc
     assert tables.render_doc(edited) == tables.render_doc(doc)
 
