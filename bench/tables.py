@@ -59,11 +59,10 @@ def dense_ppl(results: Path) -> list[str]:
     """Dense perplexity rows: the first windows of each set, then the full splits."""
     d = _load("dense.json", results)
     rows = sorted(d.get("ppl", []), key=lambda r: (r["limit"] is None, r["task"], r["seqlen"]))
-    out = ["| data | seqlen | windows | perplexity | eval s | date |", "|---|---|---|---|---|---|"]
+    out = ["| data | seqlen | windows | perplexity | date |", "|---|---|---|---|---|"]
     for r in rows:
         windows = f"first {r['limit']}" if r["limit"] is not None else f"all {r['windows']} (full split)"
-        out.append(f"| {TASK_NAMES[r['task']]} test | {r['seqlen']} | {windows} | {r['ppl']:.3f} | "
-                   f"{r['eval_s']:.0f} | {r['date']} |")
+        out.append(f"| {TASK_NAMES[r['task']]} test | {r['seqlen']} | {windows} | {r['ppl']:.3f} | {r['date']} |")
     return out
 
 
