@@ -140,7 +140,7 @@ def llm_pruner_variants(results: Path) -> list[str]:
     p = d["protocol"]
     out += ["", f"Measured {d['date']} ({d['machine']}); ratio {p['ratio']}, calibration {p['calib_samples']} × "
             f"{p['calib_seqlen']} tokens from `{p['calib']}`, WikiText-2 seqlen {p['eval_seqlen']}, first "
-            f"{p['limit']} windows, no recovery; gradient pass {d['grad_pass_s']:.0f} s."]
+            f"{p['limit']} windows, no recovery."]
     return out
 
 
