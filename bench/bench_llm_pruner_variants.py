@@ -77,10 +77,10 @@ def main() -> None:
         row = {"label": label, "method": method, "options": opts, "config": plan.config,
                "ratio_achieved": plan.ratio_achieved, "export": plan.extra.get("export"), "wikitext2": ppl["ppl"]}
         result["rows"].append(row)
+        result["grad_pass_s"] = memo.get("grad_pass_s")
+        write_json(a.out, result)  # after every variant, so an interrupted run keeps its finished rows
         print(row["label"], f"{row['ratio_achieved']:.5f}", f"{row['wikitext2']:.2f}", row["export"], flush=True)
         del model
-    result["grad_pass_s"] = memo.get("grad_pass_s")
-    write_json(a.out, result)
 
 
 if __name__ == "__main__":
