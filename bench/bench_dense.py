@@ -1,14 +1,18 @@
-"""Dense baseline of the built-in model: perplexity (quick and full), size, speed, memory, timings.
+"""Dense baseline of the built-in model: perplexity (first windows and full splits), size, speed, memory.
 
-    SHEARKIT_DATA=../shared/data python bench/bench_dense.py --part ppl   --out bench/out/dense_ppl.json
-    SHEARKIT_DATA=../shared/data python bench/bench_dense.py --part speed --out bench/out/dense_speed.json
+    SHEARKIT_DATA=../shared/data python bench/bench_dense.py --part speed
+    SHEARKIT_DATA=../shared/data python bench/bench_dense.py --part ppl --tasks wikitext2 --limits 8
+    SHEARKIT_DATA=../shared/data python bench/bench_dense.py --part ppl --tasks wikitext2 --limits all
 
-Prints a markdown table; docs/benchmarks.md holds the figures with the command, machine and date.
+Results merge into bench/results/dense.json (a perplexity row is replaced by a new measurement of the
+same task, seqlen and window count; each row is written as soon as it is measured, so an interrupted
+run keeps its finished rows); `python bench/tables.py` renders them into docs/benchmarks.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -16,56 +20,61 @@ from pathlib import Path
 import torch
 
 import shearkit
+from shearkit.io.atomic import write_json
 
 
-def measure_ppl(model, tok, quick_limit: int) -> list[dict]:
-    """Quick variants first, then the full test splits from the shortest run to the longest, each row
-    printed as soon as it is measured (so an interrupted run still leaves its finished rows)."""
-    rows = []
-    order = [(s, t, quick_limit) for s in (512, 2048) for t in ("wikitext2", "ptb")]
-    order += [(512, "ptb", None), (2048, "ptb", None), (512, "wikitext2", None), (2048, "wikitext2", None)]
-    for seqlen, task, limit in order:
-        t = time.perf_counter()
-        r = shearkit.evaluate(model, tok, [task], seqlen=seqlen, limit=limit)[task]
-        rows.append({"task": task, "seqlen": seqlen, "limit": limit, "windows": r["windows"],
-                     "ppl": r["ppl"], "eval_s": time.perf_counter() - t})
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
+def load_results(path: Path) -> dict:
+    """The results file as a dict (empty when absent)."""
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_ppl_row(path: Path, row: dict) -> None:
+    """Merge one perplexity row into the results file, replacing a row of the same protocol."""
+    result = load_results(path)
+    same = lambda r: (r["task"], r["seqlen"], r["limit"]) == (row["task"], row["seqlen"], row["limit"])  # noqa: E731
+    result["ppl"] = [r for r in result.get("ppl", []) if not same(r)] + [row]
+    write_json(path, result)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--part", choices=["ppl", "speed", "all"], default="all")
-    ap.add_argument("--quick-limit", type=int, default=8)
+    ap.add_argument("--tasks", default="wikitext2,ptb")
+    ap.add_argument("--seqlens", default="512,2048")
+    ap.add_argument("--limits", default="8,all", help="window counts; `all` = the full test split")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default="bench/out/dense.json")
+    ap.add_argument("--data-dir", default=os.environ.get("SHEARKIT_DATA"))
+    ap.add_argument("--out", default="bench/results/dense.json")
     a = ap.parse_args()
+    out = Path(a.out)
 
     t = time.perf_counter()
-    model, tok = shearkit.load(a.model, device="auto", dtype="auto")
-    result = {"model": a.model, "load_s": time.perf_counter() - t, "machine": platform.platform(),
-              "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
-              "params": shearkit.get_adapter(model).param_counts()}
+    model, tok = shearkit.load(a.model, device="cpu", dtype="float32")
+    load_s = time.perf_counter() - t
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     if a.part in ("speed", "all"):
-        result["speed"] = shearkit.bench(model, labels=[a.model], batch=a.batch, length=a.length,
-                                         repeats=a.repeats, decode_tokens=32)[a.model]
-        print(json.dumps({"speed": result["speed"]}, default=str), flush=True)
+        speed = shearkit.bench(model, labels=[a.model], batch=a.batch, length=a.length, repeats=a.repeats,
+                               decode_tokens=32)[a.model]
+        result = load_results(out)
+        result.update(model=a.model, params=shearkit.get_adapter(model).param_counts(),
+                      speed={**speed, "load_s": load_s, "machine": machine, "loadavg": os.getloadavg(),
+                             "date": time.strftime("%Y-%m-%d")})
+        write_json(out, result)
+        print(json.dumps(result["speed"], default=str), flush=True)
     if a.part in ("ppl", "all"):
-        result["ppl"] = measure_ppl(model, tok, a.quick_limit)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2, default=str))
-    print(f"| load | {result['load_s']:.1f} s |")
-    for r in result.get("ppl", []):
-        print(f"| {r['task']} | {r['seqlen']} | {r['windows']} | {r['ppl']:.3f} | {r['eval_s']:.0f} s |")
-    if "speed" in result:
-        s = result["speed"]
-        print(f"| prefill {a.batch}x{a.length} | {s['prefill_tokens_per_s']['median']:.0f} tok/s "
-              f"({s['prefill_tokens_per_s']['min']:.0f}-{s['prefill_tokens_per_s']['max']:.0f}) |")
-        print(f"| decode | {s['decode_tokens_per_s']['median']:.1f} tok/s |")
-        print(f"| peak memory | {s['peak_memory_bytes'] / 2**20:.0f} MiB |")
+        limits = [None if x == "all" else int(x) for x in a.limits.split(",")]
+        for limit in limits:  # the first windows of every set before the (slow) full splits
+            for seqlen in (int(s) for s in a.seqlens.split(",")):
+                for task in a.tasks.split(","):
+                    t = time.perf_counter()
+                    r = shearkit.evaluate(model, tok, [task], seqlen=seqlen, limit=limit, data_dir=a.data_dir)[task]
+                    row = {"task": task, "seqlen": seqlen, "limit": limit, "windows": r["windows"], "ppl": r["ppl"],
+                           "eval_s": time.perf_counter() - t, "machine": machine, "date": time.strftime("%Y-%m-%d")}
+                    save_ppl_row(out, row)
+                    print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -42,9 +42,9 @@ def run_one(model_name, method, ratio, nm, calib, args) -> dict:
     if args.plot_dir:
         from shearkit.sparsity.plot import plot_layer_sparsity
 
-        tag = f"{method}_{nm.replace(':', '-') if nm else int(ratio * 100)}"
-        plot_layer_sparsity(plan, Path(args.plot_dir) / f"layer_sparsity_{tag}.png")
-        plan.save(Path(args.plot_dir) / f"plan_{tag}.json")
+        tag = nm.replace(':', '-') if nm else str(int(ratio * 100))
+        plot_layer_sparsity(plan, Path(args.plot_dir) / f"{method}_layer_sparsity_{tag}.png")
+        plan.save(Path(args.plot_dir) / f"plan_{method}_{tag}.json")  # bench/tables.py redraws the plot from it
     return row
 
 

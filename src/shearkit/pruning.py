@@ -89,8 +89,5 @@ def apply_plan(model, plan: Plan, *, check: bool = True, masks: dict | None = No
         from .sparsity.apply import apply_masks
 
         return apply_masks(model, plan, masks)
-    if plan.kind == "blocks":
-        from .surgery.blocks import apply_blocks
-
-        return apply_blocks(model, plan)
-    raise ShearkitError(f"Plan kind '{plan.kind}' is not one shearkit can apply (structured, unstructured, blocks).")
+    raise ShearkitError(f"Plan kind '{plan.kind}' is not one shearkit can apply: it applies 'structured' plans "
+                        "(which may also list removed blocks) and 'unstructured' ones.")

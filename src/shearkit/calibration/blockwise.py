@@ -1,6 +1,6 @@
 """Blockwise calibration: run calibration tokens through a model one decoder block at a time.
 
-Sequential pruning methods (SparseGPT, Wanda, BESA, FlexiGPT's block scoring) need, for each
+Sequential pruning methods (SparseGPT, Wanda, BESA) need, for each
 block, the activations that block sees *after the earlier blocks were pruned*. Running the
 whole model for every block would be wasteful and would need the whole model on the
 accelerator. Instead:

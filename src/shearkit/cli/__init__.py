@@ -5,18 +5,10 @@ libraries are imported inside the commands, so `shearkit --help` starts fast.
 """
 from __future__ import annotations
 
-import importlib
 import sys
 
+from . import core, prune_cmds, recover_cmds, report_cmds  # noqa: F401  (each registers its commands on `app`)
 from .app import app
-
-# each module registers its commands on `app`
-for _mod in ("core", "prune_cmds", "recover_cmds", "run_cmds", "report_cmds"):
-    try:
-        importlib.import_module(f"{__name__}.{_mod}")
-    except ModuleNotFoundError as e:  # a subsystem not built yet
-        if e.name != f"{__name__}.{_mod}":
-            raise
 
 
 def main() -> None:

@@ -33,12 +33,12 @@ from . import PruneMethod, register_method
 class LLMPrunerConfig(StructuredConfig):
     """taylor: `element` or `vector`; aggregation: sum|mean|max|prod; max_calib: windows used for
     the gradients (LLM-Pruner uses 10); batch_size: windows per backward pass. dense_first/last
-    default to LLM-Pruner's proportion of kept layers. allocation defaults to `global`, which
-    measured better than `uniform` on SmolLM2-135M (both export per-layer widths because of the
-    dense layers; `allocation: uniform, dense_first: 0, dense_last: 0` gives a vanilla export but
-    was far worse there)."""
+    default to LLM-Pruner's proportion of kept layers. allocation defaults to `global` (with the
+    dense layers both allocations export per-layer widths; `allocation: uniform, dense_first: 0,
+    dense_last: 0` gives a vanilla export). docs/benchmarks.md compares the variants on SmolLM2-135M
+    (`bench/bench_llm_pruner_variants.py`)."""
 
-    allocation: str = "global"  # measured on SmolLM2-135M at 0.2: WikiText-2 ppl 56.7 vs 126.0 uniform
+    allocation: str = "global"
     taylor: str = "element"
     aggregation: str = "sum"
     max_calib: int = 16

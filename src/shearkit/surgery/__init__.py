@@ -4,8 +4,7 @@
 weights, biases, peft `lora_B` rows and `lora_A` columns), deletes removed blocks, and resets
 per-layer head counts, widths and `model.config`, so forward, `generate` with a KV cache and
 saving all keep working. `mask_structured` zeroes the same structures without changing shapes;
-the two give the same outputs (tested for every family), which is how surgery is verified and
-how methods that prune while training (LoRAShear, LoRAPrune) emulate removal.
+the two give the same outputs (tested for every family), which is how surgery is verified.
 """
 from __future__ import annotations
 

@@ -1,0 +1,273 @@
+"""Render every benchmark table of docs/benchmarks.md from the results files in bench/results.
+
+    python bench/tables.py            # rewrite the marked regions of docs/benchmarks.md
+    python bench/tables.py --check    # exit 1 (and name the tables) when the doc differs
+    python bench/tables.py --plots    # also redraw bench/results/<method>_layer_sparsity_<tag>.png
+
+Each table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->`; everything between the
+markers is generated, so a figure typed into a table is overwritten (and `--check`, run by
+tests/test_bench_tables.py, fails). The grid table has its own markers and generator
+(`bench/run.py --render-only`). Results files and the scripts that write them:
+
+    dense.json                  bench/bench_dense.py
+    llm_pruner_variants.json    bench/bench_llm_pruner_variants.py
+    structured.json             bench/bench_structured.py
+    sparsity.json               bench/bench_sparsity.py (the --memory record)
+    grid.jsonl                  bench/run.py
+    compare_llmc.json           bench/compare_llmcompressor.py
+    zeroshot.json               bench/bench_zeroshot.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+REGION = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
+TASK_NAMES = {"wikitext2": "WikiText-2", "ptb": "PTB"}
+
+
+def _load(name: str, results: Path):
+    path = results / name
+    if name.endswith(".jsonl"):
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(path.read_text())
+
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:,.0f} MiB"
+
+
+def _ppl(x: float | None) -> str:
+    """Perplexity with two decimals (from 1000 up, whole numbers)."""
+    if x is None:
+        return "—"
+    return f"{x:,.0f}" if x >= 1000 else f"{x:.2f}"
+
+
+def _rate(s: dict, digits: int = 0) -> str:
+    return f"{s['median']:.{digits}f} (median of {s['n']}; {s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+def dense_ppl(results: Path) -> list[str]:
+    """Dense perplexity rows: the first windows of each set, then the full splits."""
+    d = _load("dense.json", results)
+    rows = sorted(d.get("ppl", []), key=lambda r: (r["limit"] is None, r["task"], r["seqlen"]))
+    out = ["| data | seqlen | windows | perplexity | date |", "|---|---|---|---|---|"]
+    for r in rows:
+        windows = f"first {r['limit']}" if r["limit"] is not None else f"all {r['windows']} (full split)"
+        out.append(f"| {TASK_NAMES[r['task']]} test | {r['seqlen']} | {windows} | {r['ppl']:.3f} | {r['date']} |")
+    return out
+
+
+def dense_size(results: Path) -> list[str]:
+    """Dense model size, speed and memory."""
+    d = _load("dense.json", results)
+    p, s = d["params"], d["speed"]
+    st = s["setting"]
+    cores = int(re.search(r"(\d+) cores", s["machine"]).group(1))
+    busy = s["loadavg"][0] > cores  # other jobs held every core: timings say more about them than the model
+    load_s = f"{s['load_s']:.1f} s"
+    timed = lambda text: f"not given: load average {s['loadavg'][0]:.1f} on {cores} cores" if busy else text  # noqa: E731
+    return [
+        "| measure | value |", "|---|---|",
+        f"| parameters | {p['unique']:,} unique ({p['total']:,} counting the tied lm_head twice); "
+        f"{p['non_embedding']:,} non-embedding; {p['blocks']:,} in the decoder blocks |",
+        f"| weights in memory | {_mib(s['weight_bytes'])} ({st['dtype'].replace('torch.', '')}) |",
+        f"| prefill, batch {st['batch']} × {st['length']}, tokens/s | {timed(_rate(s['prefill_tokens_per_s']))} |",
+        f"| decode, greedy with KV cache, batch {st['decode_batch']}, {st['decode_tokens']} tokens after "
+        f"{st['decode_prompt']}, tokens/s | {timed(_rate(s['decode_tokens_per_s'], 1))} |",
+        f"| peak process RSS during prefill | {_mib(s['peak_memory_bytes'])} |",
+        f"| load from the cache | {timed(load_s)} |",
+        f"| measured | {s['date']}, {s['machine']}; load average {s['loadavg'][0]:.1f} |",
+    ]
+
+
+def sparsity_summary(results: Path) -> list[str]:
+    """The unstructured grid cells side by side: method x (50%, 60%, 2:4)."""
+    rows = [r for r in _load("grid.jsonl", results) if r.get("status") == "ok" and not r.get("recover_steps")]
+    cell = {(r["method"], r["ratio"], r["nm"]): r for r in rows}
+    old_ptb = False
+
+    def pair(r: dict) -> str:
+        nonlocal old_ptb
+        old = r.get("protocol", {}).get("ptb_text") != "stripped lines"  # rows from before the PTB text fix
+        old_ptb |= old
+        return f"{_ppl(r['wikitext2'])} / {_ppl(r['ptb'])}{'*' if old else ''}"
+
+    out = ["| method | 50% WikiText-2 / PTB | 60% WikiText-2 / PTB | 2:4 WikiText-2 / PTB | prune s at 50% |",
+           "|---|---|---|---|---|"]
+    if ("dense", 0.0, None) in cell:
+        out.append(f"| dense | {pair(cell['dense', 0.0, None])} | | | |")
+    for m in ("magnitude", "wanda", "sparsegpt", "besa"):
+        cols = [pair(cell[k]) if k in cell else "not in the grid" for k in ((m, 0.5, None), (m, 0.6, None), (m, 0.5, "2:4"))]
+        half = cell.get((m, 0.5, None))
+        prune_s = f"{half['prune_s']:.0f}" if half else ""
+        out.append(f"| {m} | {' | '.join(cols)} | {prune_s} |")
+    if old_ptb:
+        out += ["", "\\* PTB on the old text (raw lines with their leading space and newline), not the standard "
+                "stripped text; re-measured by the grid (`python bench/run.py`)."]
+    return out
+
+
+def sparsity_memory(results: Path) -> list[str]:
+    """Compute-device memory of the blockwise path (the --memory record of bench_sparsity.py)."""
+    m = _load("sparsity.json", results)["memory"][-1]
+    how = "measured (max allocated)" if m["measured"] else "counted (no GPU: bytes that would sit on the device)"
+    return ["| quantity | MiB |", "|---|---|",
+            f"| parameters of the whole model | {m['params_mb']} |",
+            f"| largest decoder block | {m['largest_block_mb']} |",
+            f"| calibration activations (one copy) | {m['activations_mb']} |",
+            f"| device memory, blockwise | {m['blockwise_device_mb']} |",
+            f"| device memory, blockwise with `offload_activations` | {m['blockwise_offloaded_device_mb']} |",
+            f"| device memory, whole model | {m['whole_model_device_mb']} |",
+            f"| how | {how}, device {m['device']} |"]
+
+
+def llm_pruner_variants(results: Path) -> list[str]:
+    """LLM-Pruner variants at one ratio (one gradient pass), no recovery."""
+    d = _load("llm_pruner_variants.json", results)
+    out = ["| variant | ratio achieved | export | WikiText-2 |", "|---|---|---|---|",
+           f"| dense | 0 | | {_ppl(d['dense_wikitext2'])} |"]
+    for r in d["rows"]:
+        out.append(f"| {r['label']} | {r['ratio_achieved']:.5f} | {r['export'] or ''} | {_ppl(r['wikitext2'])} |")
+    p = d["protocol"]
+    out += ["", f"Measured {d['date']} ({d['machine']}); ratio {p['ratio']}, calibration {p['calib_samples']} × "
+            f"{p['calib_seqlen']} tokens from `{p['calib']}`, WikiText-2 seqlen {p['eval_seqlen']}, first "
+            f"{p['limit']} windows, no recovery."]
+    return out
+
+
+def structured_quality(results: Path) -> list[str]:
+    """Structured pruning: perplexity dense -> pruned -> recovered, and the cost."""
+    rows = _load("structured.json", results)
+    tasks = rows[0]["tasks"]
+    head = " | ".join(f"{TASK_NAMES[t]} dense → pruned → recovered" for t in tasks)
+    out = [f"| method | ratio | achieved | block params | {head} | prune s | prune peak MiB | recovery | recovery s | "
+           "loss first → last step |", "|" + "---|" * (9 + len(tasks))]
+    for r in rows:
+        ppl = r["ppl"]
+        q = " | ".join(" → ".join(_ppl(ppl[s][t]) for s in ("dense", "pruned", "recovered")) for t in tasks)
+        b = r["recover_budget"] or {}
+        out.append(f"| {r['method']} | {r['ratio']:g} | {r['ratio_achieved']:.5f} | "
+                   f"{r['params_dense']['blocks'] / 1e6:.1f}M → {r['params_pruned']['blocks'] / 1e6:.1f}M | {q} | "
+                   f"{r['prune_s']:.0f} | {r['prune_peak_mib']:,.0f} | {r['recover_steps']} steps, "
+                   f"{b.get('tokens', 0):,} tokens ({b.get('label_tokens', 0):,} trained on) | {r['recover_s']:.0f} | "
+                   f"{r['recover_loss_first']:.2f} → {r['recover_loss_last']:.2f} |")
+    return out
+
+
+def structured_speed(results: Path) -> list[str]:
+    """Structured pruning: measured speed-ups against the FLOPs ideal."""
+    rows = _load("structured.json", results)
+    out = ["| method | ratio | ideal speed-up (FLOPs) | prefill speed-up | measured / ideal | prefill tokens/s dense, "
+           "pruned (medians; ranges) | decode speed-up | weights | load average | date |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d, p = r["prefill_tok_s_dense"], r["prefill_tok_s_pruned"]
+        out.append(f"| {r['method']} | {r['ratio']:g} | {r['ideal_speedup']:.3f} | {r['prefill_speedup']:.3f} | "
+                   f"{r['prefill_speedup'] / r['ideal_speedup']:.2f} | {d['median']:.0f}, {p['median']:.0f} "
+                   f"({d['min']:.0f}-{d['max']:.0f}; {p['min']:.0f}-{p['max']:.0f}) | {r['decode_speedup']:.3f} | "
+                   f"{r['weight_mib_dense']:.0f} → {r['weight_mib_pruned']:.0f} MiB | {r['loadavg'][0]:.1f} | {r['date']} |")
+    s = rows[0]["setting"]
+    out += ["", f"Speed setting: prefill batch {s['batch']} × {s['length']} tokens, greedy decode of "
+            f"{s['decode_tokens']} tokens after a {s['decode_prompt']}-token prompt, median of {s['repeats']} after "
+            f"{s['warmup']} warm-up, {s['dtype'].replace('torch.', '')}, {s['device']}, {s['threads']} threads; "
+            "dense and pruned measured interleaved in one process. Speed-up = pruned tokens/s over dense."]
+    return out
+
+
+def llmc(results: Path) -> list[str]:
+    """Ours against llm-compressor at the full protocol (64 calibration windows, 40 evaluation windows)."""
+    d = _load("compare_llmc.json", results)
+    rows = [r for r in d["rows"] if r.get("protocol", d["protocol"]).get("limit") == d["protocol"]["limit"]]
+    out = ["| method | pattern | WikiText-2 ours / theirs | diff | PTB (old text) ours / theirs | diff | "
+           "prune CPU s ours / theirs | ratio |", "|---|---|---|---:|---|---:|---|---:|"]
+    for r in sorted(rows, key=lambda r: (r["method"] != "wanda", r["pattern"] != "unstructured")):
+        o, t = r["ours"], r["theirs"]
+        cols = [f"{_ppl(o['ppl'][k])} / {_ppl(t['ppl'][k])} | {(o['ppl'][k] / t['ppl'][k] - 1) * 100:+.2f}%"
+                for k in ("wikitext2", "ptb")]
+        out.append(f"| {r['method']} | {r['pattern']} | {' | '.join(cols)} | {o['prune_cpu_s']:.0f} / "
+                   f"{t['prune_cpu_s']:.0f} | {o['prune_cpu_s'] / t['prune_cpu_s']:.2f} |")
+    return out
+
+
+def zeroshot(results: Path) -> list[str]:
+    """Zero-shot scores, one row per task, with the harness's standard errors."""
+    d = _load("zeroshot.json", results)
+    out = ["| task | examples | acc ± stderr | acc_norm ± stderr | main metric | harness | date |",
+           "|---|---|---|---|---|---|---|"]
+    for name, r in d["tasks"].items():
+        m, e = r["metrics"], r.get("stderr", {})
+        cell = lambda k: f"{m[k]:.3f} ± {e.get(k, float('nan')):.3f}" if k in m else "–"  # noqa: E731
+        out.append(f"| `{name}` | {r['n_samples']} | {cell('acc')} | {cell('acc_norm')} | {r['metric']} = "
+                   f"{r['value']:.3f} | {r['harness_version']} | {r['date']} |")
+    return out
+
+
+TABLES: dict[str, Callable[[Path], list[str]]] = {
+    "dense-ppl": dense_ppl, "dense-size": dense_size, "sparsity-summary": sparsity_summary,
+    "sparsity-memory": sparsity_memory, "llm-pruner-variants": llm_pruner_variants,
+    "structured-quality": structured_quality, "structured-speed": structured_speed, "llmc": llmc,
+    "zeroshot": zeroshot,
+}
+
+
+def render_doc(doc: str, results: Path = RESULTS) -> str:
+    """The doc with every marked table region regenerated from `results` (unknown names are errors)."""
+    def fill(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in TABLES:
+            raise SystemExit(f"docs/benchmarks.md names an unknown table '{name}' (known: {', '.join(TABLES)}).")
+        try:
+            lines = TABLES[name](results)
+        except FileNotFoundError as e:  # a results file not measured (yet): say so instead of a table
+            lines = [f"Not measured: `bench/results/{Path(e.filename).name}` is missing."]
+        return m.group(1) + "\n".join(lines) + "\n" + m.group(4)
+
+    return REGION.sub(fill, doc)
+
+
+def redraw_plots(results: Path = RESULTS) -> list[Path]:
+    """Redraw the per-layer sparsity plots from the saved plans (plan_<method>_<tag>.json)."""
+    from shearkit.plan import Plan
+    from shearkit.sparsity.plot import plot_layer_sparsity
+
+    drawn = []
+    for plan_file in sorted(results.glob("plan_*_*.json")):
+        method, tag = plan_file.stem[len("plan_"):].rsplit("_", 1)
+        drawn.append(results / f"{method}_layer_sparsity_{tag}.png")
+        plot_layer_sparsity(Plan.load(plan_file), drawn[-1])
+    return drawn
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="only compare; exit 1 when the doc is out of date")
+    ap.add_argument("--doc", default=str(DOC))
+    ap.add_argument("--plots", action="store_true", help="also redraw the per-layer sparsity plots from the plans")
+    a = ap.parse_args()
+    doc_path = Path(a.doc)
+    doc = doc_path.read_text()
+    new = render_doc(doc)
+    if a.check:
+        stale = [m.group("name") for m, n in zip(REGION.finditer(doc), REGION.finditer(new)) if m.group(0) != n.group(0)]
+        if stale:
+            sys.exit(f"{doc_path}: out of date with bench/results: {', '.join(stale)} (run python bench/tables.py)")
+        return
+    if new != doc:
+        tmp = doc_path.with_suffix(".md.tmp")
+        tmp.write_text(new)
+        tmp.replace(doc_path)
+    if a.plots:
+        redraw_plots()
+
+
+if __name__ == "__main__":
+    main()
