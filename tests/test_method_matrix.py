@@ -184,17 +184,23 @@ def test_a_method_without_families_cannot_register():
     assert "test-undeclared" not in METHODS and "test-undeclared" not in _CLASSES
 
 
-def test_the_command_line_refuses_before_reading_calibration(opt_only_method, tiny_model_dir, tmp_path):
-    """`shearkit prune` says the family is unsupported before it reads calibration data (here a
-    missing file, which would otherwise be the error)."""
+def test_the_command_line_refuses_before_reading_calibration(opt_only_method, tiny_model_dir, tmp_path,
+                                                             monkeypatch):
+    """`shearkit prune` says the family is unsupported before it reads calibration data (that the
+    named files exist is checked even earlier, before any model loads)."""
     from typer.testing import CliRunner
 
+    import shearkit.pruning
     from shearkit.cli import app
 
+    def no_calibration(*a, **k):
+        raise AssertionError("calibration data was read before the family check")
+
+    monkeypatch.setattr(shearkit.pruning, "calib_tokens", no_calibration)
     text = tmp_path / "eval.txt"
     text.write_text("the quick brown fox jumps over the lazy dog\n" * 50)
     r = CliRunner().invoke(app, ["prune", str(tiny_model_dir), "--method", "test-opt-only", "--ratio", "0.2",
-                                 "--calib", str(tmp_path / "missing.txt"), "--tasks", str(text), "--no-dense-eval",
+                                 "--calib", str(text), "--tasks", str(text), "--no-dense-eval",
                                  "--out", str(tmp_path / "run")])
     assert isinstance(r.exception, ShearkitError), r.output
     assert "does not support the llama family" in str(r.exception) and "supports: opt" in str(r.exception)

@@ -296,7 +296,7 @@ def test_recovery_files_resolve_from_a_moved_run_directory(runs, tmp_path, monke
     assert run.find(m["recover"]["log"]) == moved / "recovery" / "train_log.jsonl"
     assert run.find(m["recover"]["plot"]) == moved / "recovery" / "loss.png"
     assert run.find("recovery/adapter") is None
-    md = (write_report(moved) / "report.md").read_text()
+    md = (write_report(moved, overwrite=True) / "report.md").read_text()
     assert "| loss plot | recovery/loss.png |" in md and "| training log | recovery/train_log.jsonl |" in md
 
 

@@ -219,9 +219,9 @@ def test_layer_sparsity_plot(tmp_path):
 def _assert_same_pruning(pa, a, pb, b):
     """Two runs chose the same masks and left the same weights (not only the same fractions)."""
     assert pa.layers == pb.layers and pa.ratio_achieved == pb.ratio_achieved
-    assert set(pa._masks) == set(pb._masks) and len(pa._masks) == 3 * 7
-    for name in pa._masks:
-        assert torch.equal(pa._masks[name], pb._masks[name]), name
+    assert set(pa.masks) == set(pb.masks) and len(pa.masks) == 3 * 7
+    for name in pa.masks:
+        assert torch.equal(pa.masks[name], pb.masks[name]), name
     for (k, wa), (_, wb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(wa, wb), k
 

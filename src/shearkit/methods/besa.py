@@ -177,7 +177,8 @@ class Besa(BlockwiseSparsifier):
                 loss.backward()
             opt.step()
             loss_v = float(loss.detach())
-            bar.set_postfix(loss=f"{loss_v:.4g}", refresh=False)
+            # the loss shows at least once per epoch, however fast the epoch ran
+            bar.set_postfix(loss=f"{loss_v:.4g}", refresh=b == len(inputs) - 1)
         with torch.no_grad():
             rels = list(refs)
             learned = [allocs[r].row_rates() for r in rels]
