@@ -139,3 +139,11 @@ def bos_tokenizer(tiny_tokenizer):
                                                       special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="</s>")
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    """A small plain-text file (one repeated sentence per line) for recovery data."""
+    p = tmp_path / "text.txt"
+    p.write_text("\n".join(["the quick brown fox jumps over the lazy dog"] * 40))
+    return p

@@ -46,13 +46,6 @@ def inst_file(tmp_path):
     return p
 
 
-@pytest.fixture
-def text_file(tmp_path):
-    p = tmp_path / "text.txt"
-    p.write_text("\n".join(["the quick brown fox jumps over the lazy dog"] * 40))
-    return p
-
-
 def cfg(data, **kw) -> RecoverConfig:
     base = dict(data=str(data), steps=4, batch_size=2, seqlen=32, lr=5e-3, warmup=0, dropout=0.0)
     return RecoverConfig(**{**base, **kw})

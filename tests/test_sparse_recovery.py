@@ -43,13 +43,6 @@ def inst_file(tmp_path):
     return p
 
 
-@pytest.fixture
-def text_file(tmp_path):
-    p = tmp_path / "text.txt"
-    p.write_text("\n".join(["the quick brown fox jumps over the lazy dog"] * 40))
-    return p
-
-
 def _cfg(data, **kw) -> RecoverConfig:
     base = dict(data=str(data), steps=3, batch_size=2, seqlen=32, lr=1e-2, warmup=0, dropout=0.0)
     return RecoverConfig(**{**base, **kw})

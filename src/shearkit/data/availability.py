@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from ..errors import ShearkitError, unknown
-from .sources import DATA_ENV, DATASETS, _looks_like_path, resolve_data_dir
+from .sources import DATA_ENV, DATASETS, _looks_like_path, named_split, resolve_data_dir
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 PROBE_TIMEOUT_S = 5.0
@@ -60,12 +60,7 @@ def check_text_set(name: str, split: str | None = None, data_dir: str | os.PathL
         if not Path(name).expanduser().is_file():
             raise ShearkitError(f"{what}: file not found: {name}")
         return
-    if name not in DATASETS:
-        raise unknown("data set", name, DATASETS)
-    ds = DATASETS[name]
-    split = split or ds.default_split
-    if split not in ds.splits:
-        raise ShearkitError(f"{what} has no split '{split}'; splits: {', '.join(ds.splits)}.")
+    ds, split = named_split(name, split, what)
     root = resolve_data_dir(data_dir)
     if root is not None:
         missing = [str(root / f) for f in ds.splits[split] if not (root / f).exists()]

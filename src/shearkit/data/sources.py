@@ -85,12 +85,7 @@ def load_rows(name: str, split: str | None = None, data_dir: str | os.PathLike |
     """Rows of a named set (or of a text/jsonl/json file given by path) for one split."""
     if _looks_like_path(name):
         return _file_rows(Path(name), joiner)
-    if name not in DATASETS:
-        raise unknown("data set", name, DATASETS)
-    ds = DATASETS[name]
-    split = split or ds.default_split
-    if split not in ds.splits:
-        raise ShearkitError(f"Data set '{name}' has no split '{split}'; splits: {', '.join(ds.splits)}.")
+    ds, split = named_split(name, split)
     j = ds.joiner if joiner is None else joiner
     root = resolve_data_dir(data_dir)
     if root is not None:
@@ -107,6 +102,17 @@ def load_rows(name: str, split: str | None = None, data_dir: str | os.PathLike |
         return TextRows(rows, j, {"dataset": name, "split": split, "joiner": j,
                                   "source": [str(f) for f in files], **_strip_record(ds)})
     return _hub_rows(ds, split, j)
+
+
+def named_split(name: str, split: str | None, what: str | None = None) -> tuple[TextSet, str]:
+    """The named set and its split (the set's default when None), or a clear error."""
+    if name not in DATASETS:
+        raise unknown("data set", name, DATASETS)
+    ds = DATASETS[name]
+    split = split or ds.default_split
+    if split not in ds.splits:
+        raise ShearkitError(f"{what or f'Data set {name!r}'} has no split '{split}'; splits: {', '.join(ds.splits)}.")
+    return ds, split
 
 
 def _looks_like_path(name: str) -> bool:
