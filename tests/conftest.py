@@ -2,6 +2,7 @@
 (no downloads), and access to the real data directory and built-in model for slow tests."""
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -147,3 +148,15 @@ def text_file(tmp_path):
     p = tmp_path / "text.txt"
     p.write_text("\n".join(["the quick brown fox jumps over the lazy dog"] * 40))
     return p
+
+
+CHAT = ("{% for m in messages %}<s>{{ m['role'][0] }}:{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>a:{% endif %}")
+
+
+@pytest.fixture
+def chat_tok(tiny_tokenizer):
+    """The tiny tokenizer with a short chat template (keeps prompts a few tokens long)."""
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = CHAT
+    return tok

@@ -14,8 +14,6 @@ from shearkit.recovery import RecoverConfig, recover
 from shearkit.recovery.data import IGNORE, ALPACA_PROMPT_NO_INPUT, build_train_data, collate
 from shearkit.recovery.trainer import DivergenceGuard
 
-CHAT = ("{% for m in messages %}<s>{{ m['role'][0] }}:{{ m['content'] }}</s>{% endfor %}"
-        "{% if add_generation_prompt %}<s>a:{% endif %}")
 WORDS = ["quick", "brown", "lazy", "small", "hello", "world", "test", "fox"]
 
 
@@ -27,14 +25,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture
-def chat_tok(tiny_tokenizer):
-    """The tiny tokenizer with a short chat template (keeps prompts a few tokens long)."""
-    tok = copy.deepcopy(tiny_tokenizer)
-    tok.chat_template = CHAT
-    return tok
 
 
 @pytest.fixture

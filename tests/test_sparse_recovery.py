@@ -23,15 +23,6 @@ from shearkit.recovery import RecoverConfig, recover
 
 from conftest import make_tiny
 
-CHAT = ("{% for m in messages %}<s>{{ m['role'][0] }}:{{ m['content'] }}</s>{% endfor %}"
-        "{% if add_generation_prompt %}<s>a:{% endif %}")
-
-
-@pytest.fixture
-def chat_tok(tiny_tokenizer):
-    tok = copy.deepcopy(tiny_tokenizer)
-    tok.chat_template = CHAT
-    return tok
 
 
 @pytest.fixture
