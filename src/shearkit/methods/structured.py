@@ -119,6 +119,10 @@ class StructuredMethod(PruneMethod):
     config_cls: ClassVar[type] = StructuredConfig
     dense_default: ClassVar[str] = "none"  # "none" | "llm-pruner": what dense_first/last=None mean
 
+    def __init__(self, config: StructuredConfig):
+        super().__init__(config)
+        self.extra: dict = {}  # what score() wants recorded in the plan's extra
+
     def score(self, model, ctx: MethodContext, layers: list[int]) -> dict[tuple[str, int], torch.Tensor]:
         """(kind, layer) -> one score per group (higher: more important) for each of `layers`."""
         raise NotImplementedError  # pragma: no cover
@@ -131,7 +135,7 @@ class StructuredMethod(PruneMethod):
         dense = set(dense_layers(num_layers, cfg.dense_first, cfg.dense_last, self.dense_default))
         if ratios is not None:
             dense |= {i for i, r in enumerate(ratios) if r == 0}
-        self.extra: dict = {}  # what score() wants recorded in the plan
+        self.extra = {}
         scores = self.score(model, ctx, [i for i in range(num_layers) if i not in dense])
         plan = plan_structured(m, scores, ratio=cfg.ratio, allocation=cfg.allocation, attn_unit=cfg.attn_unit,
                                round_to=cfg.round_to, dense=sorted(dense), method=self.name,
