@@ -255,6 +255,9 @@ def test_file_allocation_follows_the_ratios(tmp_path):
     removed = _mlp_removed(dense, model)
     assert removed[0] == 0 and "0" not in plan.layers and 0 in plan.extra["dense_layers"]  # ratio 0: dense
     assert 0 < removed[1] < removed[2]  # the higher ratio loses more
+    assert plan.extra["layer_ratios"] == [0.0, 1.0, 3.0]  # recorded: the plan stands without the file
+    plan.save(tmp_path / "plan.json")
+    assert sk.Plan.load(tmp_path / "plan.json").extra["layer_ratios"] == [0.0, 1.0, 3.0]
     c = plan.extra["layer_ratio_scale"]
     width = layer_geometry(dense)[1]["mlp"]
     for i, r in ((1, 1.0), (2, 3.0)):  # each layer loses its share c * r_i of its width, to the channel

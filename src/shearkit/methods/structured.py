@@ -141,4 +141,6 @@ class StructuredMethod(PruneMethod):
                                round_to=cfg.round_to, dense=sorted(dense), method=self.name,
                                config=cfg.to_dict(), layer_ratios=ratios)
         plan.extra.update(self.extra)
+        if ratios is not None:
+            plan.extra["layer_ratios"] = ratios  # as read, so the plan stands without the file
         return plan
