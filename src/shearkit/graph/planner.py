@@ -105,6 +105,12 @@ def _uniform_take(seq: _Seq, p: float) -> int:
     return min(n, len(seq.units))
 
 
+def kept_dense(dense: list[int], layer_ratios: list[float] | None = None) -> list[int]:
+    """The layers a plan leaves dense: `dense` and those whose given ratio is 0."""
+    zero = {i for i, r in enumerate(layer_ratios or []) if r == 0}
+    return sorted(set(dense) | zero)
+
+
 def plan_structured(model: nn.Module, scores: dict[tuple[str, int], torch.Tensor], *, ratio: float, allocation: str,
                     attn_unit: str, round_to: int, dense: list[int], method: str, config: dict,
                     layer_ratios: list[float] | None = None) -> Plan:
@@ -131,11 +137,9 @@ def plan_structured(model: nn.Module, scores: dict[tuple[str, int], torch.Tensor
         raise ShearkitError(f"attn_unit must be one of {', '.join(ATTN_UNITS)}, got '{attn_unit}'.")
     if layer_ratios is None and allocation not in ALLOCATIONS:
         raise ShearkitError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got '{allocation}'.")
-    if layer_ratios is not None:
-        if len(layer_ratios) != L:
-            raise ShearkitError(f"{allocation} gives {len(layer_ratios)} layer ratios; the model has {L} layers.")
-        dense = sorted(set(dense) | {i for i, r in enumerate(layer_ratios) if r == 0})
-    dense = sorted(set(dense))
+    if layer_ratios is not None and len(layer_ratios) != L:
+        raise ShearkitError(f"{allocation} gives {len(layer_ratios)} layer ratios; the model has {L} layers.")
+    dense = kept_dense(dense, layer_ratios)
     prunable = [i for i in range(L) if i not in dense]
     before = sum(_layer_params(m))
     seqs: list[_Seq] = []

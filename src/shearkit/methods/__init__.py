@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from ..errors import ShearkitError, unknown
 from ..recipe import build_config, register_section
-from .base import MethodContext, PruneConfig, PruneMethod
+from .base import MethodContext, PruneConfig, PruneMethod  # noqa: F401  (the bases, re-exported)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from ..arch import get_adapter
 from ..arch.modules import unwrap
 from ..errors import ShearkitError
 from ..graph.groups import GroupSet, layer_groups
-from ..graph.planner import ALLOCATIONS, ATTN_UNITS, plan_structured
+from ..graph.planner import ALLOCATIONS, ATTN_UNITS, kept_dense, plan_structured
 from ..plan import Plan
 from .base import MethodContext, PruneConfig, PruneMethod
 
@@ -132,13 +132,11 @@ class StructuredMethod(PruneMethod):
         m = unwrap(model)
         num_layers = get_adapter(m).num_layers
         ratios = None if cfg.allocation in ALLOCATIONS else load_layer_ratios(cfg.allocation, num_layers)
-        dense = set(dense_layers(num_layers, cfg.dense_first, cfg.dense_last, self.dense_default))
-        if ratios is not None:
-            dense |= {i for i, r in enumerate(ratios) if r == 0}
+        dense = kept_dense(dense_layers(num_layers, cfg.dense_first, cfg.dense_last, self.dense_default), ratios)
         self.extra = {}
         scores = self.score(model, ctx, [i for i in range(num_layers) if i not in dense])
         plan = plan_structured(m, scores, ratio=cfg.ratio, allocation=cfg.allocation, attn_unit=cfg.attn_unit,
-                               round_to=cfg.round_to, dense=sorted(dense), method=self.name,
+                               round_to=cfg.round_to, dense=dense, method=self.name,
                                config=cfg.to_dict(), layer_ratios=ratios)
         plan.extra.update(self.extra)
         if ratios is not None:
