@@ -17,7 +17,7 @@ from shearkit.graph.planner import plan_structured
 from shearkit.importance import collect_stats, magnitude, taylor
 from shearkit.methods import (ALL_FAMILIES, METHODS, MethodContext, PruneMethod, _CLASSES, get_method,
                               method_config, register_method)
-from shearkit.methods.structured import StructuredMethod, dense_layers, group_scores
+from shearkit.methods.structured import StructuredMethod, end_layers, group_scores
 
 from conftest import VOCAB, make_tiny
 
@@ -135,8 +135,12 @@ def context_method():
         families = ALL_FAMILIES
         needs_calibration = True
 
+        def dense_layers(self, num_layers):  # a rule of its own: the last layer stays dense
+            return [num_layers - 1]
+
         def score(self, model, ctx, layers):
             SEEN.append(ctx)
+            self.extra["scored_layers"] = layers
             (ctx.work_dir("scores") / "called").write_text("yes")
             return group_scores(model, layers, self.config.attn_unit, lambda m, gs: magnitude(m, gs))
 
@@ -155,6 +159,7 @@ def test_prune_hands_the_method_its_context(context_method, tiny_tokenizer, tmp_
     assert ctx.run_dir == tmp_path / "run" and ctx.resume and ctx.seed == 3 and ctx.data_dir == str(tmp_path)
     assert (tmp_path / "run" / "scores" / "called").read_text() == "yes"
     assert plan.method == "test-context" and plan.ratio_achieved >= 0.2
+    assert plan.extra["scored_layers"] == [0, 1] and plan.extra["dense_layers"] == [2] and "2" not in plan.layers
     with pytest.raises(ShearkitError, match="resume=True needs run_dir"):
         sk.prune(make_tiny("llama"), tiny_tokenizer, "test-context", 0.2, calib=CALIB, resume=True)
 
@@ -200,14 +205,14 @@ def _old_llm_pruner(model, cfg):
     """LLM-Pruner's scoring loop as it was written inside its `run` before the structured base."""
     stats = collect_stats(model, CALIB[: cfg.max_calib], grads=True, batch_size=cfg.batch_size)
     L = get_adapter(model).num_layers
-    dense = dense_layers(L, cfg.dense_first, cfg.dense_last, default="llm-pruner")
+    dense = end_layers(L, cfg.dense_first, cfg.dense_last, default="llm-pruner")
     return dense, {(kind, i): taylor(model, gs, stats, variant=cfg.taylor, aggregation=cfg.aggregation)
                    for i in range(L) if i not in dense for kind, gs in layer_groups(model, i, cfg.attn_unit).items()}
 
 
 def _old_magnitude(model, cfg):
     L = get_adapter(model).num_layers
-    dense = dense_layers(L, cfg.dense_first, cfg.dense_last)
+    dense = end_layers(L, cfg.dense_first, cfg.dense_last)
     return dense, {(kind, i): magnitude(model, gs, p=cfg.norm, aggregation=cfg.aggregation)
                    for i in range(L) if i not in dense for kind, gs in layer_groups(model, i, cfg.attn_unit).items()}
 

@@ -3,8 +3,10 @@
 A structured method is a config (a `StructuredConfig` subclass) plus a `StructuredMethod`
 subclass that implements `score(model, ctx, layers)`: one score per group (`mlp_channel`,
 `kv_group` and, with `attn_unit: query_heads`, `query_head`) for each layer it is given.
-`run` decides the dense layers, asks for the scores of the others and plans with
-`graph.planner.plan_structured`; `shearkit.prune` then slices the model.
+`run` decides the dense layers (`dense_layers`: `dense_first` / `dense_last`, or a method's own
+rule), asks for the scores of the others and plans with `graph.planner.plan_structured`;
+`shearkit.prune` then slices the model. A method that prunes while it trains overrides `run`
+and reuses the parts (`dense_layers`, `load_layer_ratios`, `group_scores`, the planner).
 
 Allocation (`prune.allocation`): `uniform` (the same fraction of every prunable layer),
 `global` (units ranked across layers by score per parameter), or the path of a JSON file of
@@ -92,7 +94,7 @@ def load_layer_ratios(path: str, num_layers: int | None = None) -> list[float]:
     return [float(r) for r in ratios]
 
 
-def dense_layers(num_layers: int, first: int | None, last: int | None, default: str = "none") -> list[int]:
+def end_layers(num_layers: int, first: int | None, last: int | None, default: str = "none") -> list[int]:
     """Indices of the layers kept dense; None for `first`/`last` means `default`'s proportion
     ("llm-pruner": 4 first and 2 last of 32 layers, rounded; "none": 0)."""
     if default not in DENSE_DEFAULTS:
@@ -123,6 +125,11 @@ class StructuredMethod(PruneMethod):
         super().__init__(config)
         self.extra: dict = {}  # what score() wants recorded in the plan's extra
 
+    def dense_layers(self, num_layers: int) -> list[int]:
+        """Layers kept dense (not scored, never pruned): `dense_first` / `dense_last`, None meaning
+        `dense_default`'s proportion. A method with a rule of its own overrides this."""
+        return end_layers(num_layers, self.config.dense_first, self.config.dense_last, self.dense_default)
+
     def score(self, model, ctx: MethodContext, layers: list[int]) -> dict[tuple[str, int], torch.Tensor]:
         """(kind, layer) -> one score per group (higher: more important) for each of `layers`."""
         raise NotImplementedError  # pragma: no cover
@@ -132,7 +139,7 @@ class StructuredMethod(PruneMethod):
         m = unwrap(model)
         num_layers = get_adapter(m).num_layers
         ratios = None if cfg.allocation in ALLOCATIONS else load_layer_ratios(cfg.allocation, num_layers)
-        dense = kept_dense(dense_layers(num_layers, cfg.dense_first, cfg.dense_last, self.dense_default), ratios)
+        dense = kept_dense(self.dense_layers(num_layers), ratios)
         self.extra = {}
         scores = self.score(model, ctx, [i for i in range(num_layers) if i not in dense])
         plan = plan_structured(m, scores, ratio=cfg.ratio, allocation=cfg.allocation, attn_unit=cfg.attn_unit,
