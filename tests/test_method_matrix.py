@@ -153,7 +153,7 @@ def opt_only_method():
         families = ("opt",)
         needs_calibration = True
 
-        def run(self, model, tokenizer, calib):  # pragma: no cover - must never be reached
+        def run(self, model, ctx):  # pragma: no cover - must never be reached
             raise AssertionError("ran on an unsupported family")
 
     yield OptOnly

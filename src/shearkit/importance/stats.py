@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..arch.modules import base_module, is_conv1d, unwrap
 from ..errors import ShearkitError
-from ..graph.groups import base_module, is_conv1d, unwrap
 
 
 @dataclass
@@ -42,11 +42,6 @@ def block_linears(model: nn.Module) -> dict[str, nn.Module]:
             base = base_module(mod)
             out[name + (".base_layer" if base is not mod else "")] = base
     return out
-
-
-def weight_view(module: nn.Module) -> torch.Tensor:
-    """A layer's weight as (out, in)."""
-    return module.weight.T if is_conv1d(module) else module.weight
 
 
 def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True, act_norms: bool = False,
