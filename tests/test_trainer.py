@@ -15,8 +15,10 @@ from shearkit.recovery.data import build_train_data
 from shearkit.recovery.loop import Callback, Trainer
 
 
-def make_trainer(tok, data, *, root=None, callbacks=(), optimizer="adamw", sampler=None, **kw) -> Trainer:
-    """A Trainer over fresh LoRA adapters on the tiny llama (same seed, so runs are comparable)."""
+def make_trainer(tok, data, *, root=None, callbacks=(), optimizer="adamw", sampler=None, train_norms=False,
+                 **kw) -> Trainer:
+    """A Trainer over fresh LoRA adapters on the tiny llama (same seed, so runs are comparable);
+    `train_norms`: the RMSNorm weights train too (as FlexiGPT's do)."""
     from accelerate.utils import set_seed
     from peft import get_peft_model
 
@@ -28,6 +30,9 @@ def make_trainer(tok, data, *, root=None, callbacks=(), optimizer="adamw", sampl
     model = make_tiny("llama")
     set_seed(cfg.seed)
     peft_model = get_peft_model(model, lora_config(model, cfg.rank, cfg.alpha, cfg.dropout, None))
+    for n, p in peft_model.named_parameters():
+        if train_norms and "norm" in n:
+            p.requires_grad_(True)
     return Trainer(peft_model, tok, train, cfg, callbacks=callbacks, optimizer=optimizer, sampler=sampler,
                    root=root, desc="test")
 
@@ -133,7 +138,8 @@ class StopAt(Callback):
 
 @pytest.mark.parametrize("how", ["request_stop", "exception"])
 def test_interrupted_run_resumes_to_the_same_weights_and_callback_state(tiny_tokenizer, text_file, tmp_path, how):
-    settings = dict(steps=6, save_every=2, dropout=0.1, grad_accum=2)  # dropout: the RNG must resume too
+    # dropout: the RNG must resume too; norms: trainable parameters besides the adapters resume too
+    settings = dict(steps=6, save_every=2, dropout=0.1, grad_accum=2, train_norms=True)
     full_cb = EmaState()
     full = make_trainer(tiny_tokenizer, text_file, root=tmp_path / "a", callbacks=[full_cb], **settings)
     full.fit()
@@ -159,6 +165,7 @@ def test_interrupted_run_resumes_to_the_same_weights_and_callback_state(tiny_tok
     h = resumed.fit(resume=True)
     assert h["resumed_from"] == resumes_from and h["steps_done"] == 6
     wa, wb = adapters(full), adapters(resumed)
+    assert any("norm" in n for n in wa) and any("lora_" in n for n in wa)
     for n in wa:
         assert torch.equal(wa[n], wb[n]), n
     assert cb2.count == full_cb.count == 6 and cb2.steps == full_cb.steps

@@ -36,6 +36,7 @@ from .sampling import Sampler, StepSampler
 from .trainlog import TrainLog, plot_losses
 
 SCHEDULE_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+_OTHER = "trainable."  # checkpoint key prefix of trainable parameters that are not LoRA factors
 # settings that must not change between a checkpoint and the run resuming from it
 RESUME_KEYS = ("steps", "data", "mode", "seqlen", "batch_size", "grad_accum", "lr", "schedule", "warmup", "rank",
                "alpha", "dropout", "target_modules", "seed", "weight_decay", "distill_weight")
@@ -262,13 +263,29 @@ class Trainer:
         self._call("on_evaluate", step, res)
         return res
 
-    def _save(self, step: int) -> None:
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        """The adapters (peft's names) and any other trainable parameter (e.g. norms a method unfroze)."""
         from peft import get_peft_model_state_dict
 
+        state = get_peft_model_state_dict(self.model)
+        state.update({_OTHER + n: p for n, p in self.named_params.items() if "lora_" not in n})
+        return state
+
+    def _load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        device = self.acc.device
+        set_peft_model_state_dict(self.model, {k: v.to(device) for k, v in state.items() if not k.startswith(_OTHER)})
+        with torch.no_grad():
+            for k, v in state.items():
+                if k.startswith(_OTHER):
+                    self.named_params[k[len(_OTHER):]].copy_(v)
+
+    def _save(self, step: int) -> None:
         path = self.root / f"checkpoint-{step}"
         if self.acc.is_main_process:
             states = {cb.name: s for cb in self.callbacks if (s := cb.state_dict())}
-            save_checkpoint(self.root, step, get_peft_model_state_dict(self.model), self.optimizer.state_dict(), {
+            save_checkpoint(self.root, step, self._trainable_state(), self.optimizer.state_dict(), {
                 "scheduler": self.scheduler.state_dict(), "guard": self.guard.state(),
                 "sampler": self.sampler.state_dict(), "tokens_seen": self.tokens_seen,
                 "label_tokens": self.label_tokens, "config": self.config.to_dict(),
@@ -279,8 +296,6 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         """Load every state from checkpoint `path`, refusing one written under other settings."""
-        from peft import set_peft_model_state_dict
-
         ckpt = load_checkpoint(path)
         st = ckpt["state"]
         if st.get("base_fingerprint") != self.base_fingerprint:
@@ -305,7 +320,7 @@ class Trainer:
         if missing or extra:
             raise ShearkitError(f"Checkpoint {path} holds the state of callbacks {extra or 'none else'} and lacks "
                                 f"that of {missing or 'none'}; resume with the callbacks it was written with.")
-        set_peft_model_state_dict(self.model, {k: v.to(self.acc.device) for k, v in ckpt["adapter"].items()})
+        self._load_trainable(ckpt["adapter"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         set_rng_state(ckpt["rng"])
