@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import FAMILIES, make_tiny
 from shearkit.errors import ShearkitError
 from shearkit.recovery.config import RecoverConfig
 from shearkit.recovery.data import build_train_data
@@ -253,3 +253,32 @@ def test_custom_sampler_is_used_and_checkpointed(tiny_tokenizer, text_file, tmp_
 def test_callbacks_need_distinct_names(tiny_tokenizer, text_file):
     with pytest.raises(ShearkitError, match="distinct names.*ema"):
         make_trainer(tiny_tokenizer, text_file, callbacks=[EmaState(), EmaState()])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_of_labelled_positions_only_give_the_same_loss_and_gradients(family, chat_tok, tmp_path):
+    """The output head run on labelled positions only (`logits_to_keep` as a mask) gives the loss,
+    distillation term and gradients of the full-logits computation (prompts and padding unlabelled)."""
+    from shearkit.recovery.data import collate
+    from shearkit.recovery.loop import _step_loss, selects_logits
+
+    recs = [{"instruction": f"say {w} " * (i + 1), "output": f"the {w} fox"} for i, w in enumerate(["quick", "lazy"])]
+    (tmp_path / "i.json").write_text(json.dumps(recs))
+    data = build_train_data(chat_tok, str(tmp_path / "i.json"), seqlen=64)
+    batch = collate(data, [0, 1], pad=2)
+    assert (batch["attention_mask"] == 0).any() and (batch["labels"] == -100).sum() > 4  # padding and prompts
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    model, teacher = make_tiny(family), make_tiny(family, seed=1)
+    assert selects_logits(model) and selects_logits(teacher)
+    cfg = RecoverConfig(distill_weight=0.5)
+    out = {}
+    for select in [(False, False), (True, True)]:
+        model.zero_grad()
+        loss, ce = _step_loss(model, batch, n, teacher, cfg, select)
+        loss.backward()
+        out[select] = (loss.detach(), ce, {k: p.grad.clone() for k, p in model.named_parameters()})
+    (l0, c0, g0), (l1, c1, g1) = out.values()
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)
+    torch.testing.assert_close(c1, c0, rtol=1e-6, atol=0)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7)

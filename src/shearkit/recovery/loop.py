@@ -123,18 +123,41 @@ def base_fingerprint(model) -> str:
                               if "lora_" not in k})
 
 
-def _step_loss(model, batch: dict, n_label: int, teacher, cfg: RecoverConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to backpropagate, summed CE) of one micro-batch; normalised by the step's label tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE
-    student = logits[:, :-1][mask].float()
-    ce = F.cross_entropy(student, labels[mask], reduction="sum")
+def selects_logits(model) -> bool:
+    """Whether `model(..., logits_to_keep=<(batch, seq) bool mask>)` computes the vocabulary logits of
+    the masked positions only (transformers' `slice_logits_to_keep`; 5.0 took positions, not masks)."""
+    import inspect
+
+    from transformers import modeling_utils
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return (hasattr(modeling_utils, "slice_logits_to_keep")
+            and "logits_to_keep" in inspect.signature(base.forward).parameters)
+
+
+def _label_logits(model, batch: dict, keep: torch.Tensor, select: bool) -> torch.Tensor:
+    """(positions with a label, vocab) float logits: with `select`, the output head runs on those
+    positions only (prompt and padding positions never reach it), else every logit is formed."""
+    kw = {"logits_to_keep": keep} if select else {}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                   **kw).logits
+    return (logits if select else logits[keep]).float()  # .float(): a no-op in float32
+
+
+def _step_loss(model, batch: dict, n_label: int, teacher, cfg: RecoverConfig,
+               select: tuple[bool, bool] = (False, False)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to backpropagate, summed CE) of one micro-batch; normalised by the step's label tokens.
+    `select`: (student, teacher) compute logits only where a label is (`selects_logits`)."""
+    labels = batch["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts token t + 1
+    targets = labels[:, 1:][keep[:, :-1]]
+    student = _label_logits(model, batch, keep, select[0])
+    ce = F.cross_entropy(student, targets, reduction="sum")
     loss = ce
     if teacher is not None and cfg.distill_weight > 0:
         with torch.no_grad():
-            t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               use_cache=False).logits[:, :-1][mask].float()
+            t_logits = _label_logits(teacher, batch, keep, select[1])
         temp = cfg.distill_temperature
         t_logp = F.log_softmax(t_logits / temp, dim=-1)
         s_logp = F.log_softmax(student / temp, dim=-1)
@@ -197,6 +220,8 @@ class Trainer:
         self.wrapped, self.optimizer = self.acc.prepare(model, optim)
         if self.teacher is not None:
             self.teacher.to(self.acc.device).eval()
+        # logits of labelled positions only: the full (batch, seq, vocab) tensor is never formed
+        self._select = (selects_logits(model), self.teacher is not None and selects_logits(self.teacher))
         self.sampler: Sampler = sampler if sampler is not None else StepSampler(
             len(train), config.batch_size, config.grad_accum, self.acc.num_processes, config.seed)
         self.guard = DivergenceGuard(config.divergence, config.divergence_patience)
@@ -234,11 +259,11 @@ class Trainer:
         ce_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
         tokens = 0
         for m in range(cfg.grad_accum):
-            batch = {k: v.to(acc.device)
-                     for k, v in collate(self.train_data, sampler.indices(step, m, acc.process_index), pad).items()}
-            tokens += int(batch["attention_mask"].sum())
+            cpu = collate(self.train_data, sampler.indices(step, m, acc.process_index), pad)
+            tokens += int(cpu["attention_mask"].sum())  # counted on the host: no device sync
+            batch = {k: v.to(acc.device, non_blocking=True) for k, v in cpu.items()}
             with acc.accumulate(self.wrapped):
-                loss, ce = _step_loss(self.wrapped, batch, n_label, self.teacher, cfg)
+                loss, ce = _step_loss(self.wrapped, batch, n_label, self.teacher, cfg, self._select)
                 # accelerate divides by grad_accum and DDP averages over processes; undo both,
                 # since the loss is already this process's share of the step's mean
                 acc.backward(loss * cfg.grad_accum * acc.num_processes)
