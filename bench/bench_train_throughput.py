@@ -7,7 +7,8 @@ at batch x seqlen (default 4 x 256, the training-benchmark protocol's) with the 
 `--warmup` steps, then `--steps` timed steps (tokens/s = real input tokens of the timed steps / their
 wall time). The limit: the same steps run again under `torch.utils.flop_counter.FlopCounterMode`
 (forward + backward FLOPs of every step, padding included, as computed) give FLOPs per token; this
-machine's fp32 matmul rate (the best of timed square `torch.matmul`s) over that is the tokens/s a
+machine's fp32 matmul rate (the best of timed square `torch.matmul`s, just before and just after
+the timed steps, averaged) over that is the tokens/s a
 step doing nothing but matmuls at that rate would reach; the ratio is tokens/s / limit.
 
 The result is stored under `--label` in bench/results/train_throughput.json (other labels kept).
@@ -44,18 +45,21 @@ def matmul_rate(n: int, repeats: int) -> float:
 
 
 class StepClock(Callback):
-    """Wall time and real input tokens of the steps after the first `warmup`."""
+    """Wall time and real input tokens of the steps after the first `warmup`; the matmul rate just
+    before them (the machine may be shared: the rate is measured again after them)."""
 
-    def __init__(self, warmup: int):
-        self.warmup, self.t0, self.tokens0 = warmup, None, 0
-        self.time_s = self.tokens = 0.0
+    def __init__(self, warmup: int, matmul_size: int):
+        self.warmup, self.size, self.t0, self.tokens0 = warmup, matmul_size, None, 0
+        self.time_s = self.tokens = self.rate = 0.0
 
     def on_train_begin(self, trainer):
         if self.warmup == 0:
+            self.rate = matmul_rate(self.size, repeats=5)
             self.t0 = time.perf_counter()
 
     def on_step_end(self, trainer, step, record):
         if step == self.warmup:
+            self.rate = matmul_rate(self.size, repeats=5)
             self.t0, self.tokens0 = time.perf_counter(), record["tokens_seen"]
         elif step > self.warmup:
             self.time_s, self.tokens = time.perf_counter() - self.t0, record["tokens_seen"] - self.tokens0
@@ -128,7 +132,7 @@ def main() -> None:
     train = build_train_data(tok, a.data, seqlen=a.seqlen, data_dir=a.data_dir)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
 
-    clock = StepClock(a.warmup)
+    clock = StepClock(a.warmup, a.matmul_size)
     trainer = trainer_for(model, tok, train, cfg, [clock])
     h = trainer.fit()
     peft_model = trainer.model
@@ -142,7 +146,8 @@ def main() -> None:
     hc = trainer_for(model, tok, train, ccfg, [count], sampler=shifted).fit()
     assert hc["budget"]["tokens"] == clock.tokens, "the counted steps are not the timed ones"
 
-    rate = matmul_rate(a.matmul_size, repeats=5)
+    rates = [clock.rate, matmul_rate(a.matmul_size, repeats=5)]  # just before and after the timed steps
+    rate = sum(rates) / 2
     tokens_per_s = clock.tokens / clock.time_s
     flops_per_token = count.flops / clock.tokens
     limit = rate / flops_per_token
@@ -152,7 +157,8 @@ def main() -> None:
         "lora": h["lora"], "warmup_steps": a.warmup, "timed_steps": a.steps,
         "tokens": clock.tokens, "time_s": round(clock.time_s, 3), "tokens_per_s": round(tokens_per_s, 2),
         "flops_per_step": count.flops / a.steps, "flops_per_token": round(flops_per_token),
-        "matmul_gflops": round(rate / 1e9, 2), "matmul_size": a.matmul_size,
+        "matmul_gflops": round(rate / 1e9, 2), "matmul_gflops_before_after": [round(r / 1e9, 2) for r in rates],
+        "matmul_size": a.matmul_size,
         "limit_tokens_per_s": round(limit, 2), "ratio": round(tokens_per_s / limit, 4),
         "losses": h["losses"], "commit": commit,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads",
