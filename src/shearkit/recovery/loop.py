@@ -396,7 +396,8 @@ class Trainer:
             bar = tqdm(total=cfg.steps, initial=start, desc=self.desc, unit="step",
                        disable=not acc.is_local_main_process)
             for step in range(start + 1, cfg.steps + 1):
-                if self._stop is not None:  # asked for before the first step
+                if self._stop is not None:  # asked for in on_train_begin: no step runs
+                    history.update(stopped=self._stop, stopped_at=self.step)
                     break
                 step_loss, ce_mean, n_label, tokens = self._forward_backward(step - 1, pad, label_counts)
                 grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
