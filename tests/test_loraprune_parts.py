@@ -4,7 +4,8 @@ import copy
 import pytest
 import torch
 
-from shearkit.graph.groups import kv_groups, layer_groups, mlp_channels, unwrap
+from shearkit.arch.modules import unwrap
+from shearkit.graph.groups import kv_groups, layer_groups, mlp_channels
 from shearkit.importance.lora_grad import g_hat, importance_map, lora_group_scores
 from shearkit.importance.schedule import cubic_ratio
 from shearkit.plan import Plan

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ..errors import ShearkitError
-from ..graph.groups import GroupSet, is_conv1d, is_lora_layer, unwrap
+from ..arch.modules import is_conv1d, is_lora_layer, unwrap
+from ..graph.groups import GroupSet
 
 EPS = 1e-8
 

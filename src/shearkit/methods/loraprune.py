@@ -34,8 +34,10 @@ import torch
 
 from ..errors import ShearkitError
 from ..importance.schedule import cubic_ratio
+from ..plan import Plan
+from ..recovery.loop import Callback
 from .base import MethodContext
-from .structured import StructuredConfig, StructuredMethod
+from .structured import StructuredConfig, StructuredMethod, end_layers
 from . import register_method
 
 
@@ -87,7 +89,7 @@ class LoRAPruneConfig(StructuredConfig):
                                             "seed": self.seed}, "prune.train")
 
 
-class LoRAPruneScores:
+class LoRAPruneScores(Callback):
     """The trainer callback: moving-average LoRA-guided scores, the schedule, and the masks."""
 
     name = "loraprune"
@@ -102,7 +104,7 @@ class LoRAPruneScores:
         if self.cfg.attn_unit == "none":
             self.sets = {k: v for k, v in self.sets.items() if k[0] == "mlp_channel"}
         self.ema = {k: torch.zeros(gs.size) for k, gs in self.sets.items()}
-        self.plan = None
+        self.plan: Plan | None = None
         self.ratio = 0.0  # ratio the masks have reached
         self.final = False
         self.skipped = 0  # steps whose scores were not finite
@@ -132,7 +134,7 @@ class LoRAPruneScores:
     def state_dict(self) -> dict:
         st: dict[str, Any] = {f"ema.{k}.{i}": v for (k, i), v in self.ema.items()}
         st.update(ratio=self.ratio, final=self.final, skipped=self.skipped, history=self.history,
-                  layers=self.plan.layers if self.plan is not None else None)
+                  plan=self.plan.to_dict() if self.plan is not None else None)
         return st
 
     def load_state_dict(self, state: dict) -> None:
@@ -140,9 +142,8 @@ class LoRAPruneScores:
             self.ema[(k, i)] = state[f"ema.{k}.{i}"].clone().float()
         self.ratio, self.final, self.skipped = state["ratio"], state["final"], state["skipped"]
         self.history = list(state["history"])
-        if state["layers"] is not None:
-            self.plan = self.method.plan_from(self.model, self._scores(), self.ratio)
-            self.plan.layers = state["layers"]
+        self.plan = Plan.from_dict(state["plan"]) if state["plan"] is not None else None
+        if self.plan is not None:
             self.masks.update(self.plan)
 
     # -- pruning ----------------------------------------------------------------------------
@@ -185,29 +186,32 @@ class LoRAPrune(StructuredMethod):
     config_cls = LoRAPruneConfig
     needs_calibration = False
     in_place = True
+    smoke_options = {"train": {"steps": 6, "data": "ptb", "split": "validation", "seqlen": 16, "batch_size": 2},
+                     "prune_every": 2}
 
     def dense_layers(self, num_layers: int) -> list[int]:
         """First int(0.1 x layers) and the last layer, unless the config says otherwise."""
         cfg = self.config
         first = int(0.1 * num_layers) if cfg.dense_first is None else cfg.dense_first
         last = 1 if cfg.dense_last is None else cfg.dense_last
-        return sorted(set(range(min(first, num_layers))) | set(range(max(num_layers - last, 0), num_layers)))
+        return end_layers(num_layers, first, last)
 
     def run(self, model, ctx: MethodContext):
         from peft import get_peft_model
 
         from ..arch import get_adapter
-        from ..graph.groups import unwrap
+        from ..arch.modules import unwrap
         from ..recovery.lora import lora_config
         from ..surgery import apply_structured
 
         cfg = self.config
         tcfg = cfg.train_config()
         base = unwrap(model)
-        L = get_adapter(base).num_layers
-        layers = [i for i in range(L) if i not in set(self.dense_layers(L))]
+        dense, _ = self.layout(base)
+        layers = [i for i in range(get_adapter(base).num_layers) if i not in dense]
         if not layers:
-            raise ShearkitError(f"Every one of the {L} layers is kept dense; lower prune.dense_first / dense_last.")
+            raise ShearkitError(f"Every layer is kept dense ({len(dense)}); lower prune.dense_first / dense_last.")
+        described = Plan.describe_base(base)
         peft_model = get_peft_model(base, lora_config(base, cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules))
         scores = LoRAPruneScores(peft_model, self, layers, tcfg.steps)
         try:
@@ -216,6 +220,7 @@ class LoRAPrune(StructuredMethod):
         finally:
             scores.masks.remove()
         plan = scores.plan
+        plan.base, plan.ratio_target = described, cfg.ratio  # the model as given, the ratio asked for
         merged = peft_model.merge_and_unload()
         apply_structured(merged, plan)
         plan.extra.update({"schedule": scores.history, "skipped_steps": scores.skipped,

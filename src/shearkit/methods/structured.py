@@ -134,18 +134,30 @@ class StructuredMethod(PruneMethod):
         """(kind, layer) -> one score per group (higher: more important) for each of `layers`."""
         raise NotImplementedError  # pragma: no cover
 
-    def run(self, model, ctx: MethodContext) -> Plan:
+    def layout(self, model) -> tuple[list[int], list[float] | None]:
+        """(layers kept dense, relative per-layer ratios from the allocation file or None)."""
+        num_layers = get_adapter(unwrap(model)).num_layers
+        alloc = self.config.allocation
+        ratios = None if alloc in ALLOCATIONS else load_layer_ratios(alloc, num_layers)
+        return kept_dense(self.dense_layers(num_layers), ratios), ratios
+
+    def plan_from(self, model, scores: dict[tuple[str, int], torch.Tensor], ratio: float | None = None) -> Plan:
+        """The plan that removes `ratio` (default: the config's) of the blocks' parameters, lowest
+        `scores` first, under this method's dense layers and allocation."""
         cfg = self.config
         m = unwrap(model)
-        num_layers = get_adapter(m).num_layers
-        ratios = None if cfg.allocation in ALLOCATIONS else load_layer_ratios(cfg.allocation, num_layers)
-        dense = kept_dense(self.dense_layers(num_layers), ratios)
-        self.extra = {}
-        scores = self.score(model, ctx, [i for i in range(num_layers) if i not in dense])
-        plan = plan_structured(m, scores, ratio=cfg.ratio, allocation=cfg.allocation, attn_unit=cfg.attn_unit,
-                               round_to=cfg.round_to, dense=dense, method=self.name,
+        dense, ratios = self.layout(m)
+        plan = plan_structured(m, scores, ratio=cfg.ratio if ratio is None else ratio, allocation=cfg.allocation,
+                               attn_unit=cfg.attn_unit, round_to=cfg.round_to, dense=dense, method=self.name,
                                config=cfg.to_dict(), layer_ratios=ratios)
-        plan.extra.update(self.extra)
         if ratios is not None:
             plan.extra["layer_ratios"] = ratios  # as read, so the plan stands without the file
+        return plan
+
+    def run(self, model, ctx: MethodContext) -> Plan:
+        dense, _ = self.layout(model)
+        self.extra = {}
+        layers = [i for i in range(get_adapter(unwrap(model)).num_layers) if i not in dense]
+        plan = self.plan_from(model, self.score(model, ctx, layers))
+        plan.extra.update(self.extra)
         return plan

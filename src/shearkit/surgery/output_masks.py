@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..graph.groups import unwrap
+from ..arch.modules import unwrap
 from ..graph.removal import removal_map
 from ..plan import Plan
 
@@ -79,7 +79,7 @@ class StructuredMasks:
 
 
 def _size(mod: nn.Module, dim: int) -> int:
-    from ..graph.groups import module_shape
+    from ..arch.modules import module_shape
 
     out_f, in_f = module_shape(mod)
     return out_f if dim == 0 else in_f
