@@ -197,6 +197,7 @@ class LoRAPrune(StructuredMethod):
         return end_layers(num_layers, first, last)
 
     def run(self, model, ctx: MethodContext):
+        from accelerate.utils import set_seed
         from peft import get_peft_model
 
         from ..arch import get_adapter
@@ -212,6 +213,7 @@ class LoRAPrune(StructuredMethod):
         if not layers:
             raise ShearkitError(f"Every layer is kept dense ({len(dense)}); lower prune.dense_first / dense_last.")
         described = Plan.describe_base(base)
+        set_seed(tcfg.seed)  # the LoRA factors' initialisation is part of a reproducible run
         peft_model = get_peft_model(base, lora_config(base, cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules))
         scores = LoRAPruneScores(peft_model, self, layers, tcfg.steps)
         try:
