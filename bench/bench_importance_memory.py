@@ -6,8 +6,10 @@ Each estimator runs in a fresh child process of its own (`shearkit.eval.memory.m
 the same calibration windows in the same batches: the child loads SmolLM2-135M, then one pass scores
 every KV group and MLP channel (`shearkit.importance.passes`: `taylor_pass` holds a gradient for every
 block weight, as our llm-pruner and LLM-Pruner's own code do; `lora_pass` holds the LoRA factors'
-gradients and forms `G_hat` one module at a time). The figure is the peak above the loaded model, as
-anonymous RSS (memory the process allocated; file-backed pages do not count) and as RSS. Writes
+gradients and forms `G_hat` one module at a time), each once as published (activations kept for the
+backward pass) and once with activation checkpointing (recomputed in the backward pass; the scores are
+the same). The figure is the peak above the loaded model, as anonymous RSS (memory the process
+allocated; file-backed pages do not count) and as RSS. Writes
 bench/results/importance_memory.json; `python bench/tables.py` renders it.
 """
 from __future__ import annotations
@@ -42,25 +44,31 @@ def main() -> None:
 
     tokens = calibration_windows(tok, "c4", a.windows, a.seqlen, 0, a.data_dir)
     rows = {}
-    for name, work in (("llm-pruner", taylor_pass), ("loraprune", lora_pass)):
+    for name, work, ckpt in (("llm-pruner", taylor_pass, False), ("loraprune", lora_pass, False),
+                             ("llm-pruner+ckpt", taylor_pass, True), ("loraprune+ckpt", lora_pass, True)):
         t0 = time.perf_counter()
-        m = measure_in_child(work, tokens, a.batch, setup=functools.partial(load_model, a.model, "cpu", "float32"),
+        m = measure_in_child(work, tokens, a.batch, ckpt, setup=functools.partial(load_model, a.model, "cpu", "float32"),
                              imports=("torch", "transformers", "peft", "shearkit.models"))
-        rows[name] = {"anon_peak_above_loaded_bytes": m.anon_peak_above("loaded"),
+        rows[name] = {"checkpointing": ckpt, "anon_peak_above_loaded_bytes": m.anon_peak_above("loaded"),
                       "rss_peak_above_loaded_bytes": m.peak_above("loaded"),
                       "loaded_anon_rss_bytes": m.loaded.anon_rss, "loaded_rss_bytes": m.loaded.rss,
                       "wall_s": time.perf_counter() - t0}
         print(f"{name}: peak above the loaded model {rows[name]['anon_peak_above_loaded_bytes'] / 2**20:,.0f} MiB "
               f"anonymous, {rows[name]['rss_peak_above_loaded_bytes'] / 2**20:,.0f} MiB RSS", flush=True)
-    ratio = rows["loraprune"]["anon_peak_above_loaded_bytes"] / rows["llm-pruner"]["anon_peak_above_loaded_bytes"]
+
+    def ratio(a_: str, b_: str) -> float:
+        return rows[a_]["anon_peak_above_loaded_bytes"] / rows[b_]["anon_peak_above_loaded_bytes"]
+
+    ratios = {"loraprune / llm-pruner (both without checkpointing)": ratio("loraprune", "llm-pruner"),
+              "loraprune / llm-pruner (both with checkpointing)": ratio("loraprune+ckpt", "llm-pruner+ckpt"),
+              "loraprune with checkpointing / llm-pruner as published": ratio("loraprune+ckpt", "llm-pruner")}
     write_json(OUT, {"model": a.model, "calib": {"dataset": "c4", "windows": a.windows, "seqlen": a.seqlen,
-                                                 "batch": a.batch}, "rows": rows, "ratio_anon": ratio,
-                     "ratio_rss": rows["loraprune"]["rss_peak_above_loaded_bytes"]
-                     / rows["llm-pruner"]["rss_peak_above_loaded_bytes"],
+                                                 "batch": a.batch}, "rows": rows, "ratios_anon": ratios,
                      "machine": machine(), "date": today(),
                      "command": "python bench/bench_importance_memory.py " + " ".join(
                          f"--{k} {v}" for k, v in (("windows", a.windows), ("seqlen", a.seqlen), ("batch", a.batch)))})
-    print(f"loraprune / llm-pruner (anonymous RSS above the loaded model): {ratio:.3f}")
+    for k, v in ratios.items():
+        print(f"{k}: {v:.3f}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ file is saved beside a model and must import nothing of shearkit.)
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -45,3 +48,45 @@ def module_shape(module: nn.Module) -> tuple[int, int]:
 def weight_view(module: nn.Module) -> torch.Tensor:
     """A layer's weight as an (out, in) view (Conv1D transposed), sharing storage with it."""
     return module.weight.T if is_conv1d(module) else module.weight
+
+
+def set_activation_checkpointing(model: nn.Module, on: bool) -> None:
+    """Activation checkpointing of a transformers model on or off (the methods were renamed in 5.x);
+    non-reentrant, so gradients reach adapters even when the block inputs need none."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+@contextmanager
+def recompute_activations(model: nn.Module) -> Iterator[nn.Module]:
+    """Run `model` with activation checkpointing and without dropout, then restore it as it was.
+
+    transformers recomputes activations only in train mode, so the model is put in train mode
+    with every dropout probability at 0: the outputs stay those of eval mode."""
+    dropouts = [(m, m.p) for m in model.modules() if isinstance(m, nn.Dropout)]
+    attn = [(m, m.attention_dropout) for m in model.modules()
+            if isinstance(getattr(m, "attention_dropout", None), float)]
+    was_training = model.training
+    was_on = bool(getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False)))
+    try:
+        for m, _ in dropouts:
+            m.p = 0.0
+        for m, _ in attn:
+            m.attention_dropout = 0.0
+        set_activation_checkpointing(model, True)
+        model.train()
+        yield model
+    finally:
+        set_activation_checkpointing(model, was_on)
+        model.train(was_training)
+        for m, p in dropouts:
+            m.p = p
+        for m, p in attn:
+            m.attention_dropout = p

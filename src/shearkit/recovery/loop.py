@@ -26,6 +26,7 @@ from typing import Any, Union
 import torch
 import torch.nn.functional as F
 
+from ..arch.modules import set_activation_checkpointing
 from ..errors import ShearkitError
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .config import RecoverConfig
@@ -77,19 +78,6 @@ class Callback:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned (called on resume, before `on_train_begin`)."""
-
-
-def _checkpointing(model, on: bool) -> None:
-    """Activation checkpointing on or off (transformers renamed the methods in 5.x)."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        if on:  # non-reentrant: gradients reach the adapters although the inputs need none
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.activation_checkpointing_disable()
-    elif on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_disable()
 
 
 def check_teacher(model, teacher, cfg: RecoverConfig):
@@ -384,7 +372,7 @@ class Trainer:
         good = {n: p.detach().clone() for n, p in self.named_params.items()}
         good_step = start
         if cfg.gradient_checkpointing:
-            _checkpointing(self.model.get_base_model(), True)
+            set_activation_checkpointing(self.model.get_base_model(), True)
         try:
             t0 = time.perf_counter()
             self.model.train()
@@ -449,7 +437,7 @@ class Trainer:
                 self.evaluate("restored")
         finally:
             if cfg.gradient_checkpointing:
-                _checkpointing(self.model.get_base_model(), False)
+                set_activation_checkpointing(self.model.get_base_model(), False)
         self.model.eval()
         history.update(self._summary(start, elapsed))
         if log is not None:
