@@ -229,7 +229,7 @@ def training(results: Path) -> list[str]:
         tok = f"{r['train_tokens']:,}" if r.get("train_tokens") else "—"
         peak = f"{r['prune_peak_mib']:,.0f}" if "prune_peak_mib" in r else "—"
         out.append(f"| `{r['key']}` | {r['method']} | {opts} | {r['ratio']:g} | {ach} | {_ppl(r['wikitext2'])} | "
-                   f"{_ppl(r["ptb"])} | {tok} | {secs} | {peak} | {r['date']} |")
+                   f"{_ppl(r['ptb'])} | {tok} | {secs} | {peak} | {r['date']} |")
     p = rows[0]["protocol"] if rows else {}
     if p:
         t = p["train"]
