@@ -23,18 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from filelock import FileLock
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared bench helpers, also when imported by path
+from cells import Results, machine, run_shearkit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "grid.jsonl"
-LOCK_TIMEOUT_S = 600
 THREADS = 1  # torch threads per cell process (--threads); recorded with each row
 DOC = ROOT / "docs" / "benchmarks.md"
 IMG = ROOT / "docs" / "img"
@@ -57,37 +54,19 @@ def cell_key(method: str, ratio: float, nm: str | None, recover: int) -> str:
 
 
 def load_results() -> dict[str, dict]:
-    if not RESULTS.exists():
-        return {}
-    rows = [json.loads(l) for l in RESULTS.read_text().splitlines() if l.strip()]
-    return {r["key"]: r for r in rows}
+    return Results(RESULTS).load()
 
 
-def results_lock() -> FileLock:
+def results_lock():
     """The lock that every read-merge-write of the results file holds (a sibling file, git-ignored)."""
-    return FileLock(str(RESULTS.with_name(f".{RESULTS.name}.lock")), timeout=LOCK_TIMEOUT_S)
+    return Results(RESULTS).lock()
 
 
 def save_row(row: dict) -> dict[str, dict]:
     """Merge one finished cell into the results file under the file lock (re-read inside it, so that
-    two grid processes running different cells do not drop each other's rows) and return all rows."""
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with results_lock():
-        results = load_results()
-        results[row["key"]] = merge_attempt(results.get(row["key"]), row)
-        tmp = RESULTS.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text("".join(json.dumps(v) + "\n" for v in results.values()))
-        os.replace(tmp, RESULTS)
-    return results
-
-
-def merge_attempt(before: dict | None, row: dict) -> dict:
-    """The row to keep for a cell: a failed or timed-out attempt does not erase an earlier finished
-    measurement; it is recorded beside it as `last_attempt`."""
-    if row.get("status") == "ok" or not before or before.get("status") != "ok":
-        return row
-    attempt = {k: row[k] for k in ("status", "wall_s", "date", "error", "protocol") if k in row}
-    return {**before, "last_attempt": attempt}
+    two grid processes running different cells do not drop each other's rows) and return all rows;
+    a failed attempt does not erase an earlier finished measurement (`cells.merge_attempt`)."""
+    return Results(RESULTS).save(row)
 
 
 def row_protocol(row: dict) -> dict:
@@ -130,7 +109,7 @@ def run_cell(method: str, ratio: float, nm: str | None, recover: int, budget_s: 
     cmd += ["--out", str(out), "--overwrite", "--device", "cpu"]
     t0 = time.perf_counter()
     row = {"key": key, "method": method, "ratio": ratio, "nm": nm, "recover_steps": recover, "protocol": PROTOCOL,
-           "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+           "machine": machine(),
            "threads": THREADS,
            "date": time.strftime("%Y-%m-%d")}
     err = _shearkit(cmd, budget_s)
@@ -160,17 +139,8 @@ def reeval_cell(row: dict, budget_s: int, workdir: Path) -> dict:
 
 
 def _shearkit(cmd: list[str], budget_s: int) -> dict | None:
-    """Run one shearkit command in a child process with THREADS torch threads (more threads than free
-    cores make a shared machine crawl); None when it succeeded, else the failure fields."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
-    try:
-        proc = subprocess.run([sys.executable, "-m", "shearkit.cli", *cmd], capture_output=True, text=True,
-                              timeout=budget_s, env=env)
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout"}
-    if proc.returncode != 0:
-        return {"status": "failed", "error": proc.stderr.strip()[-600:]}
-    return None
+    """Run one shearkit command in a child process with THREADS torch threads; None when it succeeded."""
+    return run_shearkit(cmd, budget_s, THREADS)
 
 
 def read_eval(m: dict, row: dict) -> dict:

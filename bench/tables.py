@@ -16,6 +16,9 @@ tests/test_bench_tables.py, fails). The grid table has its own markers and gener
     grid.jsonl                  bench/run.py
     compare_llmc.json           bench/compare_llmcompressor.py
     zeroshot.json               bench/bench_zeroshot.py
+    training.jsonl              bench/bench_training.py
+    importance_memory.json      bench/bench_importance_memory.py
+    train_throughput.json       bench/bench_train_throughput.py
 """
 from __future__ import annotations
 
@@ -211,11 +214,88 @@ def zeroshot(results: Path) -> list[str]:
     return out
 
 
+def training(results: Path) -> list[str]:
+    """The training-benchmark protocol: methods that train, at one budget of training tokens."""
+    rows = _load("training.jsonl", results)
+    order = {"dense": 0, "llm-pruner": 1, "loraprune": 2}
+    rows = sorted((r for r in rows if r.get("status") == "ok"),
+                  key=lambda r: (r["ratio"], not r.get("final"), order.get(r["method"], 9), r["key"]))
+    out = ["| cell | method | options | ratio | achieved | WikiText-2 | PTB | tokens trained | prune + train s | "
+           "prune-stage peak RSS MiB | date |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        opts = ", ".join(f"{k}: {v}" for k, v in r.get("options", {}).items()) or "—"
+        secs = f"{(r.get('prune_s') or 0) + (r.get('recover_s') or 0):.0f}" if r["method"] != "dense" else "—"
+        ach = f"{r['ratio_achieved']:.4f}" if "ratio_achieved" in r else "—"
+        tok = f"{r['train_tokens']:,}" if r.get("train_tokens") else "—"
+        peak = f"{r['prune_peak_mib']:,.0f}" if "prune_peak_mib" in r else "—"
+        out.append(f"| `{r['key']}` | {r['method']} | {opts} | {r['ratio']:g} | {ach} | {_ppl(r['wikitext2'])} | "
+                   f"{_ppl(r['ptb'])} | {tok} | {secs} | {peak} | {r['date']} |")
+    p = rows[0]["protocol"] if rows else {}
+    if p:
+        t = p["train"]
+        out += ["", f"Protocol: {p['model']}, budget {p['budget_tokens']:,} training tokens = {t['steps']} steps × "
+                f"{t['batch_size']} × {t['seqlen']} (instruction examples are padded per batch, so fewer tokens are "
+                f"seen: the column), `{t['data']}`, lr {t['lr']:g}, seed {t['seed']}, LoRA r {p['lora']['rank']} / "
+                f"alpha {p['lora']['alpha']} / dropout {p['lora']['dropout']}; perplexity seqlen "
+                f"{p['eval']['seqlen']}, first {p['eval']['limit']} windows. Times on a shared 2-core CPU "
+                "with other jobs running: compare within a row, not across dates."]
+    return out
+
+
+def training_zeroshot(results: Path) -> list[str]:
+    """Zero-shot scores of the training benchmark's final rows, with standard errors."""
+    rows = [r for r in _load("training.jsonl", results) if r.get("zeroshot")]
+    if not rows:
+        return ["Not measured yet: `python bench/bench_training.py --zeroshot` fills these rows."]
+    tasks = list(rows[0]["zeroshot"])
+    out = ["| cell | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 2) + "|"]
+    for r in rows:
+        z = r["zeroshot"]
+        cells = [f"{z[t]['value']:.3f} ± {z[t]['stderr']:.3f}" if z[t].get("stderr") is not None
+                 else f"{z[t]['value']:.3f}" for t in tasks]
+        mean = sum(z[t]["value"] for t in tasks) / len(tasks)
+        out.append(f"| `{r['key']}` | " + " | ".join(cells) + f" | {mean:.3f} |")
+    zp = rows[0]["zeroshot_protocol"]
+    out += ["", f"First {zp['limit']} examples of each task; the metric is acc_norm where the task has it, else acc."]
+    return out
+
+
+def importance_memory(results: Path) -> list[str]:
+    """Peak memory of importance estimation: LoRA gradients against weight gradients."""
+    d = _load("importance_memory.json", results)
+    out = ["| estimator | activations | peak anonymous RSS above the loaded model | peak RSS above it | wall s |",
+           "|---|---|---:|---:|---:|"]
+    for name, r in d["rows"].items():
+        out.append(f"| {name.split('+')[0]} | {'recomputed (checkpointing)' if r['checkpointing'] else 'kept'} | "
+                   f"{_mib(r['anon_peak_above_loaded_bytes'])} | {_mib(r['rss_peak_above_loaded_bytes'])} | "
+                   f"{r['wall_s']:.0f} |")
+    c = d["calib"]
+    out += ["", "| ratio (anonymous RSS) | value |", "|---|---:|"]
+    out += [f"| {k} | {v:.2f} |" for k, v in d["ratios_anon"].items()]
+    out += ["", f"{d['model']}, {c['windows']} calibration windows of {c['seqlen']} tokens from `{c['dataset']}` in "
+            f"batches of {c['batch']}, each estimator in a fresh child process; measured {d['date']} ({d['machine']}) "
+            f"with `{d['command']}`."]
+    return out
+
+
+def train_throughput(results: Path) -> list[str]:
+    """LoRA training throughput and its ratio to the machine's measured matmul rate."""
+    d = _load("train_throughput.json", results)
+    out = ["| label | commit | tokens/s | FLOPs per step | matmul GFLOP/s | limit tokens/s | ratio | load average |",
+           "|---|---|---:|---:|---:|---:|---:|---|"]
+    for label, r in d["runs"].items():
+        out.append(f"| {label} | `{r['commit']}` | {r['tokens_per_s']:.2f} | {r['flops_per_step']:.3g} | "
+                   f"{r['matmul_gflops']:.1f} | {r['limit_tokens_per_s']:.1f} | {r['ratio']:.3f} | "
+                   f"{', '.join(f'{x:.1f}' for x in r['load_average'])} |")
+    return out
+
+
 TABLES: dict[str, Callable[[Path], list[str]]] = {
     "dense-ppl": dense_ppl, "dense-size": dense_size, "sparsity-summary": sparsity_summary,
     "sparsity-memory": sparsity_memory, "llm-pruner-variants": llm_pruner_variants,
     "structured-quality": structured_quality, "structured-speed": structured_speed, "llmc": llmc,
-    "zeroshot": zeroshot,
+    "zeroshot": zeroshot, "training": training, "training-zeroshot": training_zeroshot,
+    "importance-memory": importance_memory, "train-throughput": train_throughput,
 }
 
 

@@ -24,7 +24,7 @@ def test_mlp_and_kv_groups_partition_their_tensors(family):
     """Every row/column of each coupled dimension belongs to exactly one group."""
     from collections import defaultdict
 
-    from shearkit.graph.groups import module_shape
+    from shearkit.arch.modules import module_shape
 
     model = make_tiny(family)
     for gs in (mlp_channels(model, 0), kv_groups(model, 0)):

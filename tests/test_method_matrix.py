@@ -111,7 +111,7 @@ def _check_reload(tmp_path, model, tok, plan, want: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_method_on_family(method, family, tmp_path, tiny_tokenizer):
+def test_method_on_family(method, family, tmp_path, tiny_tokenizer, request):
     info = METHODS[method]
     dense = make_tiny(family)
     model = copy.deepcopy(dense)
@@ -122,7 +122,9 @@ def test_method_on_family(method, family, tmp_path, tiny_tokenizer):
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), dense.state_dict().values()))
         return
     assert info.kind in TARGETS, f"the matrix has no target for methods of kind '{info.kind}': add one"
-    plan = shearkit.prune(model, tiny_tokenizer, method, TARGETS[info.kind], calib=CALIB)
+    smoke = shearkit.methods.get_method(method).smoke_options
+    data = request.getfixturevalue("data_dir") if "train" in smoke else None  # trains on the real data
+    plan = shearkit.prune(model, tiny_tokenizer, method, TARGETS[info.kind], calib=CALIB, data_dir=data, **smoke)
     assert plan.method == method and plan.kind == info.kind
     _check_target(info.kind, plan, dense, model)
     logits = _logits(model)
@@ -153,7 +155,7 @@ def opt_only_method():
         families = ("opt",)
         needs_calibration = True
 
-        def run(self, model, tokenizer, calib):  # pragma: no cover - must never be reached
+        def run(self, model, ctx):  # pragma: no cover - must never be reached
             raise AssertionError("ran on an unsupported family")
 
     yield OptOnly

@@ -70,3 +70,15 @@ def test_every_shipped_recipe_loads():
 def test_unknown_shipped_recipe_suggests():
     with pytest.raises(ShearkitError, match="Did you mean 'quick'"):
         load_recipe("quik")
+
+
+def test_set_reaches_into_nested_mappings():
+    """`--set prune.train.steps=4` sets a key of a mapping-valued field (LoRAPrune's `train`)."""
+    from shearkit.recipe import apply_override
+
+    data = {"prune": {"method": "loraprune", "train": {"data": "alpaca"}}}
+    apply_override(data, "prune.train.steps=4")
+    apply_override(data, "eval.limit=2")
+    assert data == {"prune": {"method": "loraprune", "train": {"data": "alpaca", "steps": 4}}, "eval": {"limit": 2}}
+    with pytest.raises(ShearkitError, match="'prune.method' is not a section or a mapping"):
+        apply_override(data, "prune.method.x=1")

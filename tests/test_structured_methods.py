@@ -8,9 +8,9 @@ import torch
 import shearkit as sk
 from shearkit.errors import ShearkitError
 from shearkit.graph import base_block_params, layer_geometry
-from shearkit.graph.planner import dense_layers
 from shearkit.graph.summary import plan_summary, plan_table
 from shearkit.methods import METHODS, get_method, method_config
+from shearkit.methods.structured import end_layers
 
 from conftest import FAMILIES, make_tiny
 
@@ -48,9 +48,9 @@ def test_uniform_allocation_gives_equal_widths_and_rounding():
 
 
 def test_dense_layers_are_kept_and_llm_pruner_default():
-    assert dense_layers(30, None, None, llm_pruner_default=True) == [0, 1, 2, 3, 28, 29]
-    assert dense_layers(32, None, None, llm_pruner_default=True) == [0, 1, 2, 3, 30, 31]
-    assert dense_layers(3, None, None) == []
+    assert end_layers(30, None, None, default="llm-pruner") == [0, 1, 2, 3, 28, 29]
+    assert end_layers(32, None, None, default="llm-pruner") == [0, 1, 2, 3, 30, 31]
+    assert end_layers(3, None, None) == []
     model = make_tiny("llama")
     geo = layer_geometry(model)
     plan = sk.prune(model, None, "structured-magnitude", 0.15, dense_first=1, dense_last=1, attn_unit="none",

@@ -62,7 +62,8 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
                 tokens = calib_tokens(tok, recipe.calib, data_dir)
             t0 = time.perf_counter()
             with PeakMemory(device) as pm:
-                plan = prune(model, tok, pcfg, calib=tokens, dry_run=dry_run)
+                # a method that trains keeps its logs and checkpoints in the run directory
+                plan = prune(model, tok, pcfg, calib=tokens, dry_run=dry_run, data_dir=data_dir, run_dir=run.path)
             metrics["prune"] = {"method": plan.method, "kind": plan.kind, "ratio_target": plan.ratio_target,
                                 "ratio_achieved": plan.ratio_achieved, "wall_s": time.perf_counter() - t0,
                                 "peak_memory_bytes": pm.peak, "peak_memory_kind": "cuda_max_allocated"

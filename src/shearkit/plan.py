@@ -31,10 +31,15 @@ log = logging.getLogger(__name__)
 
 def fingerprint(model) -> str:
     """A short hash of the model's weights (names, shapes and a strided sample of every tensor)."""
+    return fingerprint_state(model.state_dict())
+
+
+def fingerprint_state(state) -> str:
+    """`fingerprint` of a state dict (name -> tensor)."""
     import torch
 
     h = hashlib.blake2b(digest_size=12)
-    for name, p in sorted(model.state_dict().items()):
+    for name, p in sorted(state.items()):
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
         flat = p.detach().reshape(-1)

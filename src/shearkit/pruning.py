@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 from typing import Any
 
 from .errors import ShearkitError
-from .methods import PruneConfig, check_family, get_method, method_config
+from .methods import MethodContext, PruneConfig, check_family, get_method, method_config
 from .plan import Plan
 
 
@@ -29,7 +30,8 @@ def resolve_config(method: str | PruneConfig, ratio: float | None = None, **opti
 
 
 def prune(model, tokenizer, method: str | PruneConfig, ratio: float | None = None, *, calib=None,
-          dry_run: bool = False, data_dir: str | os.PathLike | None = None, **options: Any) -> Plan:
+          dry_run: bool = False, data_dir: str | os.PathLike | None = None,
+          run_dir: str | os.PathLike | None = None, resume: bool = False, **options: Any) -> Plan:
     """Prune `model` in place with a registered method and return the plan.
 
     Args:
@@ -39,23 +41,26 @@ def prune(model, tokenizer, method: str | PruneConfig, ratio: float | None = Non
         calib: a LongTensor (n, seqlen) of calibration tokens, or a `CalibConfig`; default:
             64 windows of 512 tokens from `c4`.
         dry_run: decide the plan without changing `model`.
+        data_dir: folder of local data sets (calibration, and training data for methods that train).
+        run_dir: a folder where a method that trains keeps its logs and checkpoints (None: it
+            writes nothing); `resume`: continue such a method from its checkpoints there.
         options: further fields of the method's config.
 
     Raises:
         ShearkitError: the method does not support the model's family (the message lists those it does).
     """
-    from .recipe import CalibConfig
-
     cfg = resolve_config(method, ratio, **options)
     cls = get_method(cfg.method)
     check_family(cfg.method, model)  # before any calibration data is read
+    if resume and run_dir is None:
+        raise ShearkitError("resume=True needs run_dir, the folder that holds the method's checkpoints.")
     impl = cls(cfg)
-    tokens = None
-    if cls.needs_calibration:
-        tokens = calib_tokens(tokenizer, calib, data_dir)
-    target = copy.deepcopy(model) if (dry_run and getattr(cls, "in_place", False)) else model
-    plan = impl.run(target, tokenizer, tokens)
-    if not dry_run and not getattr(cls, "in_place", False):
+    tokens = calib_tokens(tokenizer, calib, data_dir) if cls.needs_calibration else None
+    ctx = MethodContext(tokenizer, calib=tokens, data_dir=None if data_dir is None else str(data_dir),
+                        run_dir=None if run_dir is None else Path(run_dir), resume=resume, seed=cfg.seed)
+    target = copy.deepcopy(model) if (dry_run and cls.in_place) else model
+    plan = impl.run(target, ctx)
+    if not dry_run and not cls.in_place:
         apply_plan(model, plan, check=False)
     return plan
 

@@ -232,16 +232,20 @@ def parse_recipe(data: dict | None, overrides: list[str] | None = None) -> Recip
 
 
 def apply_override(data: dict, item: str) -> None:
-    """Apply one `section.key=value` override (value parsed as YAML) to a recipe mapping."""
+    """Apply one `section.key=value` override (value parsed as YAML) to a recipe mapping; a dotted key
+    reaches into a nested mapping (`prune.train.steps=64`)."""
     if "=" not in item or "." not in item.split("=", 1)[0]:
         raise ShearkitError(f"--set expects section.key=value (e.g. eval.seqlen=512), got '{item}'.")
     path, raw = item.split("=", 1)
-    section, key = path.split(".", 1)
+    *parents, key = path.split(".")
     value = yaml.safe_load(raw) if raw != "" else None
-    data.setdefault(section, {})
-    if not isinstance(data[section], dict):
-        raise ShearkitError(f"Cannot set '{path}': '{section}' is not a section.")
-    data[section][key] = value
+    node = data
+    for depth, name in enumerate(parents):
+        node = node.setdefault(name, {})
+        if not isinstance(node, dict):
+            where = ".".join(parents[: depth + 1])
+            raise ShearkitError(f"Cannot set '{path}': '{where}' is not a section or a mapping.")
+    node[key] = value
 
 
 BUILTIN_RECIPES = Path(__file__).parent / "recipes"

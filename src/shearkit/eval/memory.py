@@ -360,6 +360,13 @@ class ChildWorker:
         return False
 
 
+def load_model(name: str, device: str = "cpu", dtype: str = "auto", cache_dir: str | None = None):
+    """Setup of a child given a model name or directory: the loaded model (its tokenizer is not needed)."""
+    from ..models import load
+
+    return load(name, device=device, dtype=dtype, cache_dir=cache_dir)[0]
+
+
 def measure_in_child(work: Callable[..., Any], *args: Any, setup: Callable[[], Any] | None = None,
                      device: Any = None, imports: tuple[str, ...] = ("torch",), **kwargs: Any) -> Measured:
     """Run `work(*args, **kwargs)` (or `work(setup(), *args, **kwargs)`) in a fresh child process and return

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .memory import ChildWorker, Measured, PeakMemory  # noqa: F401 - PeakMemory is imported from here too
+from .memory import ChildWorker, Measured, PeakMemory, load_model  # noqa: F401 - PeakMemory is imported from here too
 
 
 def _sync(device: torch.device) -> None:
@@ -78,13 +78,6 @@ def _weight_bytes(model) -> int:
 
 def _stats(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
-
-
-def _load_model(name: str, device: str, dtype: str, cache_dir: str | None):
-    """Setup of a child given a model name or directory: the loaded model (its tokenizer is not needed)."""
-    from ..models import load
-
-    return load(name, device=device, dtype=dtype, cache_dir=cache_dir)[0]
 
 
 def _given(model):
@@ -168,7 +161,7 @@ def benchmark(models: dict[str, Any], *, batch: int = 1, length: int = 512, deco
     workers: dict[str, ChildWorker] = {}
     try:
         for k, m in models.items():
-            setup, args = (_load_model, (m, device, dtype, cache_dir)) if isinstance(m, (str, os.PathLike)) \
+            setup, args = (load_model, (m, device, dtype, cache_dir)) if isinstance(m, (str, os.PathLike)) \
                 else (_given, (m,))
             imports = ("torch", "transformers", *_modeling_modules(m, cache_dir), "shearkit.models", "shearkit.arch")
             workers[k] = ChildWorker(setup, *args, imports=imports, threads=threads, name=k, wait=False)

@@ -25,6 +25,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..arch.modules import is_lora_layer, module_shape, unwrap
 from ..errors import ShearkitError
 
 KINDS = ("mlp_channel", "query_head", "kv_group", "block", "hidden_channel")
@@ -102,40 +103,8 @@ class GroupSet:
         return n
 
 
-# -- module helpers ---------------------------------------------------------------------------
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
-
-
-def is_lora_layer(module: nn.Module) -> bool:
-    return hasattr(module, "base_layer") and hasattr(module, "lora_A")
-
-
-def base_module(module: nn.Module) -> nn.Module:
-    return module.base_layer if is_lora_layer(module) else module
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"  # transformers.pytorch_utils.Conv1D: weight (in, out)
-
-
 def _bias(module: nn.Module):
     return getattr(module, "bias", None)
-
-
-def module_shape(module: nn.Module) -> tuple[int, int]:
-    """(out, in) of a layer's weight; (size, 0) for a 1-D weight (norms); (dim, num) for embeddings."""
-    w = module.weight
-    if w.dim() == 1:
-        return w.shape[0], 0
-    if is_conv1d(module):
-        return w.shape[1], w.shape[0]
-    if isinstance(module, nn.Embedding):
-        return w.shape[1], w.shape[0]  # hidden channels are its "outputs"
-    return w.shape[0], w.shape[1]
 
 
 def check_lora_shapes(model: nn.Module) -> None:

@@ -3,8 +3,8 @@
 Ratio: the fraction of the decoder blocks' base parameters removed (all weights and biases in
 the blocks; embeddings, final norm and lm_head excluded). The planner removes *units* until the
 removed fraction first reaches the target, so the achieved ratio is >= the target (by less than
-one unit with `global` allocation, one unit per prunable layer with `uniform`), and reports it
-exactly (recounted from the tensors' shapes).
+one unit with `global` allocation, one unit per prunable layer with `uniform` or given layer
+ratios), and reports it exactly (recounted from the tensors' shapes).
 
 Units per prunable layer, lowest score first within the layer:
 - MLP: chunks of channels, sized so the kept width stays a multiple of `round_to` (the first
@@ -16,9 +16,11 @@ Units per prunable layer, lowest score first within the layer:
 
 Allocation: `uniform` gives every prunable layer the same fraction p of its MLP width and of its
 attention units (p searched for the smallest value reaching the target; the same widths in
-every prunable layer); `global` takes units from any layer in order of score per parameter.
-Layers in `dense_first` / `dense_last` are never pruned (LLM-Pruner keeps the first 4 and last
-2 of LLaMA-7B's 32 layers dense); dense layers make widths differ between layers.
+every prunable layer); `global` takes units from any layer in order of score per parameter;
+given per-layer ratios r_i give layer i the fraction min(1, c * r_i), one factor c for all (the
+smallest reaching the target), so a layer with twice the ratio loses about twice the share.
+Layers in `dense` are never pruned (which ones is the method's choice: `methods/structured.py`);
+dense layers make widths differ between layers. The planner knows no method: scores in, plan out.
 """
 from __future__ import annotations
 
@@ -28,57 +30,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..arch.modules import unwrap
 from ..errors import ShearkitError
-from ..methods import PruneConfig
 from ..plan import Plan
-from .groups import kv_groups, mlp_channels, query_heads, unwrap
+from .groups import kv_groups, mlp_channels, query_heads
 from .removal import layer_geometry, normalize_entry, ratio_removed, removal_map
 
 ALLOCATIONS = ("uniform", "global")
 ATTN_UNITS = ("kv_group", "query_heads", "none")
-
-
-@dataclass
-class StructuredConfig(PruneConfig):
-    """Options shared by structured methods.
-
-    allocation: `uniform` (same widths in every prunable layer; with no dense layers the saved
-        model loads in vanilla transformers) or `global` (units ranked across layers).
-    attn_unit: `kv_group` (removes KV heads with their query heads: smaller KV cache),
-        `query_heads` (equal number of query heads per KV head) or `none`.
-    dense_first / dense_last: layers at each end kept dense; None = LLM-Pruner's proportion
-        (4 and 2 of 32 layers, rounded) for methods that follow it, else 0.
-    round_to: kept MLP widths are multiples of this (8 suits tensor cores); 1 disables.
-    """
-
-    allocation: str = "uniform"
-    attn_unit: str = "kv_group"
-    dense_first: int | None = 0
-    dense_last: int | None = 0
-    round_to: int = 8
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.allocation not in ALLOCATIONS:
-            raise ShearkitError(f"prune.allocation must be one of {', '.join(ALLOCATIONS)}, got '{self.allocation}'.")
-        if self.attn_unit not in ATTN_UNITS:
-            raise ShearkitError(f"prune.attn_unit must be one of {', '.join(ATTN_UNITS)}, got '{self.attn_unit}'.")
-        if self.round_to < 1:
-            raise ShearkitError(f"prune.round_to must be >= 1, got {self.round_to}.")
-        for k in ("dense_first", "dense_last"):
-            v = getattr(self, k)
-            if v is not None and v < 0:
-                raise ShearkitError(f"prune.{k} must be >= 0, got {v}.")
-
-
-def dense_layers(num_layers: int, first: int | None, last: int | None, llm_pruner_default: bool = False) -> list[int]:
-    """Indices of layers kept dense."""
-    if first is None:
-        first = round(num_layers * 4 / 32) if llm_pruner_default else 0
-    if last is None:
-        last = round(num_layers * 2 / 32) if llm_pruner_default else 0
-    keep = set(range(min(first, num_layers))) | set(range(max(num_layers - last, 0), num_layers))
-    return sorted(keep)
 
 
 @dataclass
@@ -146,14 +105,26 @@ def _uniform_take(seq: _Seq, p: float) -> int:
     return min(n, len(seq.units))
 
 
-def plan_structured(model: nn.Module, scores: dict[tuple[str, int], torch.Tensor], cfg: StructuredConfig, *,
-                    method: str, llm_pruner_dense: bool = False) -> Plan:
-    """A structured plan removing at least `cfg.ratio` of the blocks' parameters, lowest scores first.
+def kept_dense(dense: list[int], layer_ratios: list[float] | None = None) -> list[int]:
+    """The layers a plan leaves dense: `dense` and those whose given ratio is 0."""
+    zero = {i for i, r in enumerate(layer_ratios or []) if r == 0}
+    return sorted(set(dense) | zero)
+
+
+def plan_structured(model: nn.Module, scores: dict[tuple[str, int], torch.Tensor], *, ratio: float, allocation: str,
+                    attn_unit: str, round_to: int, dense: list[int], method: str, config: dict,
+                    layer_ratios: list[float] | None = None) -> Plan:
+    """A structured plan removing at least `ratio` of the blocks' parameters, lowest scores first.
 
     Args:
         scores: (kind, layer) -> one score per group, for kinds `mlp_channel`, `kv_group` and (with
-            `attn_unit="query_heads"`) `query_head`; higher means more important.
-        llm_pruner_dense: resolve `dense_first/last=None` to LLM-Pruner's proportions.
+            `attn_unit="query_heads"`) `query_head`, for every layer not in `dense`; higher means
+            more important.
+        allocation: `uniform` or `global` (see the module docstring); ignored when `layer_ratios`
+            is given (then it names where the ratios came from, for messages).
+        dense: layers never pruned. `config`: the method's options, recorded in the plan.
+        layer_ratios: one relative ratio per layer: layer i loses the fraction min(1, c * r_i) of its
+            units, one factor c for all found by bisection; layers with r_i = 0 stay dense.
 
     Raises:
         ShearkitError: the ratio cannot be reached under the constraints (the message gives the
@@ -162,26 +133,35 @@ def plan_structured(model: nn.Module, scores: dict[tuple[str, int], torch.Tensor
     m = unwrap(model)
     geo = layer_geometry(m)
     L = len(geo)
-    dense = dense_layers(L, cfg.dense_first, cfg.dense_last, llm_pruner_dense)
+    if attn_unit not in ATTN_UNITS:
+        raise ShearkitError(f"attn_unit must be one of {', '.join(ATTN_UNITS)}, got '{attn_unit}'.")
+    if layer_ratios is None and allocation not in ALLOCATIONS:
+        raise ShearkitError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got '{allocation}'.")
+    if layer_ratios is not None and len(layer_ratios) != L:
+        raise ShearkitError(f"{allocation} gives {len(layer_ratios)} layer ratios; the model has {L} layers.")
+    dense = kept_dense(dense, layer_ratios)
     prunable = [i for i in range(L) if i not in dense]
     before = sum(_layer_params(m))
     seqs: list[_Seq] = []
     for i in prunable:
         per_ch = int(mlp_channels(m, i).param_counts(m)[0])
-        seqs.append(_mlp_seq(i, scores[("mlp_channel", i)].float().cpu(), per_ch, cfg.round_to))
-        if cfg.attn_unit != "none":
-            seqs.append(_attn_seq(m, i, geo[i], scores, cfg.attn_unit))
-    target = cfg.ratio * before
+        seqs.append(_mlp_seq(i, scores[("mlp_channel", i)].float().cpu(), per_ch, round_to))
+        if attn_unit != "none":
+            seqs.append(_attn_seq(m, i, geo[i], scores, attn_unit))
+    target = ratio * before
     max_removed = sum(sum(s.costs) for s in seqs)
     if target > max_removed + 1e-6:
         raise ShearkitError(
-            f"Ratio {cfg.ratio} is unreachable: with layers {dense or 'none'} kept dense, attn_unit="
-            f"'{cfg.attn_unit}' and MLP widths kept at multiples of {cfg.round_to} (at least one head and "
-            f"{cfg.round_to} channels per layer), at most {max_removed / before:.4f} of the decoder blocks' "
+            f"Ratio {ratio} is unreachable: with layers {dense or 'none'} kept dense, attn_unit="
+            f"'{attn_unit}' and MLP widths kept at multiples of {round_to} (at least one head and "
+            f"{round_to} channels per layer), at most {max_removed / before:.4f} of the decoder blocks' "
             "parameters can be removed. Lower the ratio, keep fewer layers dense, or prune attention too.")
-    if cfg.ratio > 0:
-        if cfg.allocation == "uniform":
-            _allocate_uniform(seqs, target)
+    extra = {}
+    if ratio > 0:
+        if layer_ratios is not None:
+            extra["layer_ratio_scale"] = _allocate_scaled(seqs, target, {i: layer_ratios[i] for i in prunable})
+        elif allocation == "uniform":
+            _allocate_scaled(seqs, target, {i: 1.0 for i in prunable})
         else:
             _allocate_global(seqs, target)
     entries: dict[str, dict[str, list[int]]] = {}
@@ -192,9 +172,10 @@ def plan_structured(model: nn.Module, scores: dict[tuple[str, int], torch.Tensor
         key = {"mlp": "mlp_channels", "kv": "kv_groups", "qheads": "heads"}[s.kind]
         e[key] = sorted(i for u in s.units[: s.taken] for i in u)
     entries = {k: normalize_entry(int(k), geo[int(k)], e) for k, e in entries.items()}
-    plan = Plan(method=method, kind="structured", ratio_target=cfg.ratio, base=Plan.describe_base(m),
-                config=cfg.to_dict(), layers=entries)
+    plan = Plan(method=method, kind="structured", ratio_target=ratio, base=Plan.describe_base(m),
+                config=config, layers=entries)
     finish_plan(m, plan, dense=dense)
+    plan.extra.update(extra)
     return plan
 
 
@@ -232,17 +213,21 @@ def _removed(seqs: list[_Seq]) -> int:
     return sum(sum(s.costs[: s.taken]) for s in seqs)
 
 
-def _allocate_uniform(seqs: list[_Seq], target: float) -> None:
-    def apply(p: float) -> int:
+def _allocate_scaled(seqs: list[_Seq], target: float, weights: dict[int, float]) -> float:
+    """Give layer i the fraction min(1, c * weights[i]) of each of its structures, c the smallest
+    factor (bisection) reaching `target`; all weights 1 is the uniform allocation. Returns c."""
+    top = 1.0 / min(weights.values())  # every layer's fraction is 1 from here on
+
+    def apply(c: float) -> int:
         for s in seqs:
-            s.taken = _uniform_take(s, p)
+            s.taken = _uniform_take(s, min(1.0, c * weights[s.layer]))
         return _removed(seqs)
 
-    if apply(1.0) < target:  # rounding left units over; fall back to taking everything allowed
+    if apply(top) < target:  # rounding left units over; fall back to taking everything allowed
         for s in seqs:
             s.taken = len(s.units)
-        return
-    lo, hi = 0.0, 1.0
+        return top
+    lo, hi = 0.0, top
     for _ in range(50):
         mid = (lo + hi) / 2
         if apply(mid) >= target:
@@ -250,6 +235,7 @@ def _allocate_uniform(seqs: list[_Seq], target: float) -> None:
         else:
             lo = mid
     apply(hi)
+    return hi
 
 
 def _allocate_global(seqs: list[_Seq], target: float) -> None:

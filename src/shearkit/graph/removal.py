@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..arch.modules import module_shape, unwrap
 from ..errors import ShearkitError
-from .groups import (GroupSet, hidden_channels, kv_groups, mlp_channels,
-                     module_shape, query_heads, unwrap)
+from .groups import GroupSet, hidden_channels, kv_groups, mlp_channels, query_heads
 
 Removal = dict[tuple[str, int], set[int]]  # (module, dim) -> removed indices
 

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from ..errors import ShearkitError
-from ..graph.groups import GroupSet, Part, unwrap
-from .stats import Stats, weight_view
+from ..arch.modules import unwrap, weight_view
+from ..graph.groups import GroupSet, Part
+from .stats import Stats
 
 AGGREGATIONS = ("sum", "mean", "max", "prod")
 TAYLOR_VARIANTS = ("element", "vector")

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..arch.modules import base_module, is_conv1d, unwrap
 from ..errors import ShearkitError
-from ..graph.groups import base_module, is_conv1d, unwrap
 
 
 @dataclass
@@ -44,13 +44,8 @@ def block_linears(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def weight_view(module: nn.Module) -> torch.Tensor:
-    """A layer's weight as (out, in)."""
-    return module.weight.T if is_conv1d(module) else module.weight
-
-
 def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True, act_norms: bool = False,
-                  batch_size: int = 1, desc: str | None = None) -> Stats:
+                  batch_size: int = 1, desc: str | None = None, checkpointing: bool = False) -> Stats:
     """Run the calibration tokens through `model` once and gather the statistics asked for.
 
     Args:
@@ -59,7 +54,12 @@ def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True,
         act_norms: accumulate per-input-feature squared activations.
         batch_size: windows per forward pass.
         desc: show a progress bar with that label.
+        checkpointing: recompute activations in the backward pass (less memory, same statistics;
+            `arch.modules.recompute_activations`).
     """
+    from contextlib import nullcontext
+
+    from ..arch.modules import recompute_activations
     from ..progress import progress
 
     if tokens.dim() != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 2:
@@ -83,6 +83,7 @@ def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True,
     frozen = {id(p): p.requires_grad for p in all_params}
     was_training = model.training
     total_loss, n_batches = 0.0, 0
+    mode = recompute_activations(model) if checkpointing else nullcontext()
     try:
         model.eval()
         if grads:
@@ -92,7 +93,7 @@ def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True,
                 p.requires_grad_(True)
                 p.grad = None
         ctx = torch.enable_grad() if grads else torch.no_grad()
-        with ctx:
+        with ctx, mode:
             starts = range(0, tokens.shape[0], batch_size)
             for i in progress(starts, desc, unit="batch"):
                 ids = tokens[i:i + batch_size].to(device)

@@ -22,7 +22,7 @@ from typing import Any
 
 from .._version import __version__
 from ..errors import ShearkitError
-from ..graph.groups import unwrap
+from ..arch.modules import unwrap
 from ..plan import Plan, fingerprint
 from .atomic import atomic_dir, write_json, write_text
 from .modeling import LAYER_SHAPES_KEY

@@ -1,22 +1,29 @@
 """Pruning methods: a registry of short modules built from shared parts.
 
-A method module defines a config dataclass (subclass of `PruneConfig`) and a class with
-`run(model, tokenizer, calib) -> Plan`, registered with `@register_method`. To add a method,
-add one line to `_MODULES` below so that `shearkit list` and recipes know it without importing
-torch; the line declares the model families (`arch` adapter families) the method supports, and
-`shearkit.prune` refuses the others by name. The method x family test matrix
-(tests/test_method_matrix.py) runs every registered method on every family, so a new line here
-is tested without editing the tests.
+Writing a method:
+- its module defines a config dataclass (a subclass of `PruneConfig`, or of a base's config) and
+  a class registered with `@register_method`, with `run(self, model, ctx) -> Plan`; `ctx` is a
+  `MethodContext` (tokenizer, calibration windows, data folder, run directory, resume flag, seed;
+  `ctx.trainer(...)` builds the shared `Trainer` for methods that train, `ctx.work_dir(name)` a
+  folder for their checkpoints). The bases live beside it: `base.py` (`PruneConfig`,
+  `PruneMethod`, `MethodContext`), `structured.py` (`StructuredMethod`: implement
+  `score(model, ctx, layers)`; dense layers, allocation and planning are shared) and
+  `blockwise.py` (`BlockwiseSparsifier`: implement `prune_layer` or `prune_block`).
+- add one line to `_MODULES` below: module, kind, description and the model families (`arch`
+  adapter families) it supports. `shearkit list` and recipes read it without importing torch,
+  the class gets its `kind` from it (declare it nowhere else), and `shearkit.prune` refuses the
+  other families by name. The method x family test matrix (tests/test_method_matrix.py) runs
+  every registered method on every family, so a new line here is tested without editing tests.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
 from dataclasses import dataclass
-from typing import Any, ClassVar
 
 from ..errors import ShearkitError, unknown
 from ..recipe import build_config, register_section
+from .base import MethodContext, PruneConfig, PruneMethod  # noqa: F401  (the bases, re-exported)
 
 
 @dataclass
@@ -34,6 +41,7 @@ ALL_FAMILIES = ("llama", "opt", "gpt2")  # every family `arch` adapts today
 _MODULES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
     "structured-magnitude": ("shearkit.methods.structured_magnitude", "structured", "Structured pruning by group weight magnitude (heads / KV groups, MLP channels).", ALL_FAMILIES),
     "llm-pruner": ("shearkit.methods.llm_pruner", "structured", "LLM-Pruner: structured pruning by first-order Taylor importance (calibration gradients).", ALL_FAMILIES),
+    "loraprune": ("shearkit.methods.loraprune", "structured", "LoRAPrune: structured pruning during LoRA training, importance from the LoRA gradients.", ALL_FAMILIES),
     "magnitude": ("shearkit.methods.magnitude", "unstructured", "Magnitude: per-layer |W| threshold, unstructured or N:M", ALL_FAMILIES),
     "wanda": ("shearkit.methods.wanda", "unstructured", "Wanda: |W|*||X|| per output row, unstructured or N:M", ALL_FAMILIES),
     "sparsegpt": ("shearkit.methods.sparsegpt", "unstructured", "SparseGPT: Hessian-based pruning with OBS weight updates", ALL_FAMILIES),
@@ -45,47 +53,19 @@ METHODS: dict[str, MethodInfo] = {k: MethodInfo(k, kind, desc, mod, tuple(fams))
 _CLASSES: dict[str, type] = {}
 
 
-@dataclass
-class PruneConfig:
-    """Fields every method has. `ratio`: for structured methods the fraction of the decoder
-    blocks' parameters removed; for unstructured ones the sparsity of the blocks' linear weights."""
-
-    method: str = ""
-    ratio: float = 0.2
-    seed: int = 0
-
-    def __post_init__(self):
-        if not 0.0 <= self.ratio < 1.0:
-            raise ShearkitError(f"prune.ratio must be in [0, 1), got {self.ratio}.")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-class PruneMethod:
-    """Base class of a method: declares what it needs; `run` returns a Plan. A method registered
-    by decorator alone (not listed in `_MODULES`) declares `families` here."""
-
-    name: ClassVar[str]
-    kind: ClassVar[str]
-    families: ClassVar[tuple[str, ...]] = ()
-    config_cls: ClassVar[type] = PruneConfig
-    needs_calibration: ClassVar[bool] = True
-    needs_grad: ClassVar[bool] = False
-
-    def __init__(self, config: PruneConfig):
-        self.config = config
-
-    def run(self, model, tokenizer, calib) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-
 def register_method(cls):
-    """Class decorator registering a PruneMethod under `cls.name`."""
-    if cls.name not in METHODS:
-        if not cls.families:
-            raise ShearkitError(f"Method '{cls.name}' declares no model families; set `families` on the class "
-                                f"(e.g. {ALL_FAMILIES}) to the ones it supports.")
+    """Class decorator registering a PruneMethod under `cls.name`; a class listed in `_MODULES`
+    takes its kind from there."""
+    if cls.name in _MODULES:
+        kind = METHODS[cls.name].kind
+        if cls.__dict__.get("kind", kind) != kind:
+            raise ShearkitError(f"Method '{cls.name}' declares kind '{cls.kind}' but its `_MODULES` line says "
+                                f"'{kind}'; declare the kind only in `_MODULES`.")
+        cls.kind = kind
+    elif cls.name not in METHODS:
+        if not cls.families or not getattr(cls, "kind", None):
+            raise ShearkitError(f"Method '{cls.name}' declares no model families or no kind; a method not listed "
+                                f"in `_MODULES` sets `families` (e.g. {ALL_FAMILIES}) and `kind` on its class.")
         METHODS[cls.name] = MethodInfo(cls.name, cls.kind, (cls.__doc__ or "").strip().splitlines()[0], cls.__module__,
                                        tuple(cls.families))
     _CLASSES[cls.name] = cls
@@ -104,7 +84,7 @@ def get_method(name: str) -> type:
 def check_family(name: str, model) -> None:
     """Refuse, naming the supported families, a model whose family method `name` does not support."""
     from ..arch import get_adapter
-    from ..graph.groups import unwrap
+    from ..arch.modules import unwrap
 
     if name not in METHODS:
         raise unknown("method", name, METHODS)

@@ -37,10 +37,10 @@ from ..errors import ShearkitError
 from ..io.atomic import write_json
 from ..progress import progress
 from ..sparsity.apply import load_masks, save_masks
-from ..sparsity.base import BlockwiseSparsifier, SparsityConfig
 from ..sparsity.besa import LayerAllocation, repair_counts
 from ..sparsity.layers import block_linears
 from . import register_method
+from .blockwise import BlockwiseSparsifier, SparsityConfig
 
 log = logging.getLogger(__name__)
 

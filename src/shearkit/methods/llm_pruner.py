@@ -10,8 +10,9 @@ Sample recipe:
 prune: {method: llm-pruner, ratio: 0.2, taylor: element, aggregation: sum, max_calib: 16}
 calib: {dataset: c4, samples: 16, seqlen: 512}
 ```
-Lifecycle: `run` makes one forward/backward pass over the calibration windows (gradients of the
-block weights, accumulated), scores the groups, builds the plan; `shearkit.prune` then slices.
+Lifecycle (`methods.structured.StructuredMethod.run`): `score` makes one forward/backward pass
+over the calibration windows (gradients of the block weights, accumulated) and scores the groups
+of the layers not kept dense; the shared planner builds the plan; `shearkit.prune` then slices.
 
 Deviations from the paper: ratio here is the fraction of the decoder blocks' parameters removed
 (reached globally and reported exactly), not a per-layer unit fraction; GQA models prune whole KV
@@ -23,10 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ShearkitError
-from ..graph.groups import layer_groups, unwrap
-from ..graph.planner import StructuredConfig, dense_layers, plan_structured
 from ..importance import TAYLOR_VARIANTS, collect_stats, taylor
-from . import PruneMethod, register_method
+from . import register_method
+from .structured import StructuredConfig, StructuredMethod, group_scores
 
 
 @dataclass
@@ -55,33 +55,21 @@ class LLMPrunerConfig(StructuredConfig):
 
 
 @register_method
-class LLMPruner(PruneMethod):
+class LLMPruner(StructuredMethod):
     """LLM-Pruner: structured pruning by first-order Taylor importance (calibration gradients)."""
 
     name = "llm-pruner"
-    kind = "structured"
     config_cls = LLMPrunerConfig
+    dense_default = "llm-pruner"
     needs_calibration = True
     needs_grad = True
 
-    def run(self, model, tokenizer, calib):
-        from ..arch import get_adapter
-
+    def score(self, model, ctx, layers):
         cfg = self.config
-        if calib is None:
+        if ctx.calib is None:
             raise ShearkitError("llm-pruner needs calibration tokens (gradients of the LM loss).")
-        stats = collect_stats(model, calib[: cfg.max_calib], grads=True, batch_size=cfg.batch_size,
+        stats = collect_stats(model, ctx.calib[: cfg.max_calib], grads=True, batch_size=cfg.batch_size,
                               desc="llm-pruner gradients")
-        m = unwrap(model)
-        L = get_adapter(m).num_layers
-        dense = set(dense_layers(L, cfg.dense_first, cfg.dense_last, llm_pruner_default=True))
-        scores = {}
-        for i in range(L):
-            if i in dense:
-                continue
-            for kind, gs in layer_groups(m, i, cfg.attn_unit).items():
-                scores[(kind, i)] = taylor(m, gs, stats, variant=cfg.taylor, aggregation=cfg.aggregation)
-        plan = plan_structured(m, scores, cfg, method=self.name, llm_pruner_dense=True)
-        plan.extra["calib_loss"] = stats.loss
-        plan.extra["calib_tokens"] = stats.n_tokens
-        return plan
+        self.extra.update(calib_loss=stats.loss, calib_tokens=stats.n_tokens)
+        return group_scores(model, layers, cfg.attn_unit,
+                            lambda m, gs: taylor(m, gs, stats, variant=cfg.taylor, aggregation=cfg.aggregation))

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..sparsity.base import BlockwiseSparsifier, SparsityConfig
 from ..sparsity.magnitude import magnitude_mask
 from . import register_method
+from .blockwise import BlockwiseSparsifier, SparsityConfig
 
 
 @dataclass

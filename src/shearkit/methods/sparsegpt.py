@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ShearkitError
-from ..sparsity.base import BlockwiseSparsifier, SparsityConfig
 from ..sparsity.sparsegpt import sparsegpt_prune
 from . import register_method
+from .blockwise import BlockwiseSparsifier, SparsityConfig
 
 
 @dataclass

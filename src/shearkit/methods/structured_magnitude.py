@@ -8,18 +8,17 @@ Sample recipe:
 ```yaml
 prune: {method: structured-magnitude, ratio: 0.2, norm: 2, allocation: uniform, attn_unit: kv_group}
 ```
-Lifecycle: `run` scores every group from its weights alone, builds the plan; `shearkit.prune`
-then slices the model with `apply_plan`.
+Lifecycle (`methods.structured.StructuredMethod.run`): `score` scores every group from its
+weights alone; the shared planner builds the plan; `shearkit.prune` then slices the model.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..errors import ShearkitError
-from ..graph.groups import layer_groups, unwrap
-from ..graph.planner import StructuredConfig, dense_layers, plan_structured
 from ..importance import magnitude
-from . import PruneMethod, register_method
+from . import register_method
+from .structured import StructuredConfig, StructuredMethod, group_scores
 
 
 @dataclass
@@ -36,25 +35,14 @@ class StructuredMagnitudeConfig(StructuredConfig):
 
 
 @register_method
-class StructuredMagnitude(PruneMethod):
+class StructuredMagnitude(StructuredMethod):
     """Structured pruning by group weight magnitude (heads / KV groups, MLP channels)."""
 
     name = "structured-magnitude"
-    kind = "structured"
     config_cls = StructuredMagnitudeConfig
     needs_calibration = False
 
-    def run(self, model, tokenizer, calib):
+    def score(self, model, ctx, layers):
         cfg = self.config
-        m = unwrap(model)
-        from ..arch import get_adapter
-
-        L = get_adapter(m).num_layers
-        dense = set(dense_layers(L, cfg.dense_first, cfg.dense_last))
-        scores = {}
-        for i in range(L):
-            if i in dense:
-                continue
-            for kind, gs in layer_groups(m, i, cfg.attn_unit).items():
-                scores[(kind, i)] = magnitude(m, gs, p=cfg.norm, aggregation=cfg.aggregation)
-        return plan_structured(m, scores, cfg, method=self.name)
+        return group_scores(model, layers, cfg.attn_unit,
+                            lambda m, gs: magnitude(m, gs, p=cfg.norm, aggregation=cfg.aggregation))

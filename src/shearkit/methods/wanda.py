@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..sparsity.base import BlockwiseSparsifier, SparsityConfig
 from ..sparsity.wanda import wanda_mask
 from . import register_method
+from .blockwise import BlockwiseSparsifier, SparsityConfig
 
 
 @dataclass

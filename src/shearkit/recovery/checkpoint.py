@@ -2,7 +2,9 @@
 
 A checkpoint holds what an exact resume needs: the adapter weights (`adapter.safetensors`),
 the optimizer's tensors (`optimizer.safetensors`) with its hyper-parameters, the scheduler
-and trainer state (`trainer_state.json`) and the RNG states (`rng.safetensors`, for dropout).
+and trainer state (`trainer_state.json`), the RNG states (`rng.safetensors`, for dropout) and
+each callback's state: its tensors in `callbacks.safetensors` (keyed `<name>.<key>`, written
+only when a callback holds tensors), the rest in `trainer_state.json` under `callbacks`.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from ..io.atomic import atomic_dir
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+CALLBACK_FILE = "callbacks.safetensors"
+_TENSOR = "$tensor"  # marks, in the JSON state, a tensor stored in CALLBACK_FILE under this key
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
@@ -64,17 +68,54 @@ def set_rng_state(states: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def split_tensors(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """`value` with every tensor (also inside dicts and lists) moved to `tensors[<key>.<path>]`
+    and replaced by a marker naming it; the rest must be JSON-able."""
+    if torch.is_tensor(value):
+        tensors[key] = _cpu(value)
+        return {_TENSOR: key}
+    if isinstance(value, dict):
+        return {k: split_tensors(v, f"{key}.{k}", tensors) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [split_tensors(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]
+    return value
+
+
+def join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of `split_tensors` (tensors come back on the CPU)."""
+    if isinstance(value, dict):
+        if set(value) == {_TENSOR}:
+            return tensors[value[_TENSOR]]
+        return {k: join_tensors(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [join_tensors(v, tensors) for v in value]
+    return value
+
+
 def save_checkpoint(root: Path, step: int, adapter: dict[str, torch.Tensor], optimizer_state: dict,
-                    trainer_state: dict) -> Path:
-    """Write `root/checkpoint-<step>` atomically (a crash leaves no half-written checkpoint)."""
+                    trainer_state: dict, callbacks: dict[str, dict] | None = None) -> Path:
+    """Write `root/checkpoint-<step>` atomically (a crash leaves no half-written checkpoint).
+
+    `callbacks` maps each callback's name to its `state_dict()` (tensors and JSON-able values)."""
     target = Path(root) / f"checkpoint-{step}"
     opt_tensors, opt_meta = split_optimizer_state(optimizer_state)
+    cb_tensors: dict[str, torch.Tensor] = {}
+    cb_plain = {name: split_tensors(dict(state), name, cb_tensors) for name, state in (callbacks or {}).items()}
+    state = {**trainer_state, "step": step, "optimizer": opt_meta}
+    if cb_plain:
+        state["callbacks"] = cb_plain
+    try:
+        text = json.dumps(state, indent=1)
+    except TypeError as e:
+        raise ShearkitError(f"A callback's state_dict() holds a value that is neither a tensor nor JSON-able ({e}); "
+                            "return tensors, numbers, strings, lists or dicts.") from None
     with atomic_dir(target, overwrite=True) as tmp:
         save_file({k: _cpu(v) for k, v in adapter.items()}, str(tmp / "adapter.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file({k: _cpu(v) for k, v in rng_state().items()}, str(tmp / "rng.safetensors"))
-        (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step, "optimizer": opt_meta},
-                                                 indent=1), encoding="utf-8")
+        if cb_tensors:
+            save_file(cb_tensors, str(tmp / CALLBACK_FILE))
+        (tmp / STATE_FILE).write_text(text, encoding="utf-8")
     return target
 
 
@@ -89,7 +130,8 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint: `adapter` tensors, `optimizer` state dict, `rng` states, `state` (JSON)."""
+    """Read a checkpoint: `adapter` tensors, `optimizer` state dict, `rng` states, `state` (JSON),
+    `callbacks` (name -> state dict, tensors on the CPU)."""
     path = Path(path)
     needed = ["adapter.safetensors", "optimizer.safetensors", "rng.safetensors", STATE_FILE]
     missing = [n for n in needed if not (path / n).is_file()]
@@ -98,5 +140,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                             "from an earlier one.")
     state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     optimizer = join_optimizer_state(load_file(str(path / "optimizer.safetensors")), state.pop("optimizer"))
+    callbacks = state.pop("callbacks", {})
+    if callbacks:
+        cb_file = path / CALLBACK_FILE
+        callbacks = join_tensors(callbacks, load_file(str(cb_file)) if cb_file.is_file() else {})
     return {"adapter": load_file(str(path / "adapter.safetensors")), "optimizer": optimizer,
-            "rng": load_file(str(path / "rng.safetensors")), "state": state}
+            "rng": load_file(str(path / "rng.safetensors")), "state": state, "callbacks": callbacks}

@@ -5,8 +5,7 @@ one (the instruct model was tuned on that format), else with the Alpaca template
 and the response are tokenised separately and joined, so the boundary between unlabelled
 prompt tokens and labelled response tokens is exact whatever the tokenizer merges.
 
-Batches are drawn by index: the examples used at (step, micro-batch, process) depend only on
-the seed, so a resumed run sees exactly the batches an uninterrupted run would.
+Batches are drawn by index (`sampling.py` says which examples each micro-batch uses).
 """
 from __future__ import annotations
 
@@ -175,27 +174,3 @@ def collate(data: TrainData, indices: list[int], pad: int) -> dict[str, torch.Te
         lab[row, :n] = torch.tensor(data.labels[i])
         mask[row, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": lab}
-
-
-class StepSampler:
-    """Which examples each (step, micro-batch, process) uses: walks seeded per-epoch permutations,
-    so the order is a pure function of the seed and the position (exact resume)."""
-
-    def __init__(self, n: int, batch_size: int, grad_accum: int, processes: int, seed: int):
-        self.n, self.bs, self.ga, self.np, self.seed = n, batch_size, grad_accum, processes, seed
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms = {epoch: torch.randperm(self.n, generator=g)}  # keep one epoch in memory
-        return self._perms[epoch]
-
-    def indices(self, step: int, micro: int, process: int = 0) -> list[int]:
-        """Example indices of one micro-batch (step counts from 0)."""
-        start = ((step * self.ga + micro) * self.np + process) * self.bs
-        return [int(self._perm(g // self.n)[g % self.n]) for g in range(start, start + self.bs)]
-
-    def epochs(self, steps: int) -> float:
-        """Passes over the data that `steps` optimizer steps make."""
-        return steps * self.ga * self.np * self.bs / self.n

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..arch import get_adapter
+from ..arch.modules import is_conv1d
 from ..errors import ShearkitError, did_you_mean
 
 
@@ -23,12 +24,8 @@ def default_targets(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"  # GPT-2's transformers.pytorch_utils.Conv1D
-
-
 def _targetable(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)}
 
 
 def matched_modules(model: nn.Module, targets: list[str]) -> dict[str, nn.Module]:
@@ -55,7 +52,7 @@ def lora_config(model: nn.Module, rank: int, alpha: float, dropout: float, targe
 
     targets = list(targets) if targets else default_targets(model)
     mods = matched_modules(model, targets)
-    kinds = {_is_conv1d(m) for m in mods.values()}
+    kinds = {is_conv1d(m) for m in mods.values()}
     if len(kinds) > 1:
         raise ShearkitError("LoRA targets mix Conv1D and Linear modules; give targets of one kind.")
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,

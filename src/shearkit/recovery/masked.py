@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 
+from ..arch.modules import unwrap, weight_view
 from ..errors import ShearkitError
 
 AUTO_MIN_ZEROS = 0.01  # "auto": fraction of exact zeros over the adapted weights that marks a sparse model
@@ -108,13 +109,12 @@ class MaskedLoraLinear(LoraLinear):
 
 def _weight_oi(layer: LoraLayer) -> torch.Tensor:
     """The base weight of a LoRA layer as (out, in)."""
-    w = layer.get_base_layer().weight
-    return w.T if getattr(layer, "fan_in_fan_out", False) else w
+    return weight_view(layer.get_base_layer())
 
 
 def lora_layers(peft_model) -> dict[str, LoraLayer]:
     """The LoRA layers of a peft model, by their module name in the base model."""
-    return {n: m for n, m in peft_model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
+    return {n: m for n, m in unwrap(peft_model).named_modules() if isinstance(m, LoraLayer)}
 
 
 def plan_masks(model, plan) -> Mapping[str, torch.Tensor] | str:
@@ -189,5 +189,5 @@ def rezero(model, masks: Mapping[str, torch.Tensor]) -> None:
     """Zero the pruned weights of a merged model again (a no-op after a masked merge, kept as a guarantee)."""
     for n, keep in masks.items():
         mod = model.get_submodule(n)
-        w = mod.weight.T if type(mod).__name__ == "Conv1D" else mod.weight
+        w = weight_view(mod)
         w.masked_fill_(~keep.to(w.device), 0)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..graph.groups import check_lora_shapes, expand_part, unwrap
+from ..arch.modules import unwrap
+from ..graph.groups import check_lora_shapes, expand_part
 from ..graph.removal import removal_map
 from ..plan import Plan
 from .slicing import axis_of, fix_lora_sizes, keep, zero

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..graph.groups import is_conv1d
+from ..arch.modules import is_conv1d, is_lora_layer, module_shape
 
 
 def axis_of(module: nn.Module, dim: int) -> int:
@@ -66,8 +66,6 @@ def _fix_size_attrs(module: nn.Module) -> None:
 
 def fix_lora_sizes(model: nn.Module) -> None:
     """peft LoRA layers cache in/out sizes; refresh them from their base layer."""
-    from ..graph.groups import is_lora_layer, module_shape
-
     for mod in model.modules():
         if is_lora_layer(mod) and hasattr(mod, "in_features"):
             mod.out_features, mod.in_features = module_shape(mod.base_layer)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..graph.groups import is_conv1d, module_shape, unwrap
+from ..arch.modules import is_conv1d, module_shape, unwrap
 from ..io.modeling import LAYER_SHAPES_KEY
 
 # Cached integers that transformers' blocks read in forward; reset from the weights.

@@ -13,6 +13,7 @@ Lifecycle of `BlockwiseSparsifier.run`:
 
 A method subclass sets `stats_kind` ("norm", "hessian" or None) and implements
 `prune_layer(ref, stats)` (or overrides `prune_block` for whole-block methods such as BESA).
+Its kind (`unstructured`) is declared on its line in `methods._MODULES`.
 """
 from __future__ import annotations
 
@@ -28,12 +29,12 @@ from ..arch.base import BlockView
 from ..calibration.blockwise import BlockInputs, capture_inputs, resolve_compute_device, walk_blocks
 from ..calibration.stats import InputStats, collect_input_stats
 from ..errors import ShearkitError
-from ..methods import PruneConfig, PruneMethod
 from ..plan import Plan
 from ..progress import progress
-from .apply import PackedMasks
-from .layers import LinearRef, block_linears
-from .masks import parse_nm
+from ..sparsity.apply import PackedMasks
+from ..sparsity.layers import LinearRef, block_linears
+from ..sparsity.masks import parse_nm
+from .base import MethodContext, PruneConfig, PruneMethod
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,6 @@ class SparsityConfig(PruneConfig):
 class BlockwiseSparsifier(PruneMethod):
     """Base of the in-place unstructured methods (see the module docstring for the lifecycle)."""
 
-    kind: ClassVar[str] = "unstructured"
     in_place: ClassVar[bool] = True
     config_cls: ClassVar[type] = SparsityConfig
     stats_kind: ClassVar[str | None] = "norm"  # "norm" | "hessian" | None
@@ -93,8 +93,9 @@ class BlockwiseSparsifier(PruneMethod):
         return {rel: self.prune_layer(ref, stats.get(ref.name)) for rel, ref in refs.items()}
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def run(self, model, tokenizer, calib) -> Plan:
+    def run(self, model, ctx: MethodContext) -> Plan:
         cfg = self.config
+        calib = ctx.calib
         t0 = time.perf_counter()
         base = Plan.describe_base(model)
         self.base_info = base

@@ -1,0 +1,160 @@
+"""The training-benchmark protocol: methods that train, compared at one budget of training tokens.
+
+    SHEARKIT_DATA=../shared/data python bench/bench_training.py              # every cell not yet done
+    SHEARKIT_DATA=../shared/data python bench/bench_training.py --cells loraprune-r0.2
+    SHEARKIT_DATA=../shared/data python bench/bench_training.py --zeroshot   # final rows' zero-shot scores
+    python bench/tables.py                                                    # tables in docs/benchmarks.md
+
+Protocol (recorded with every row): SmolLM2-135M, B = 131,072 training tokens = 128 optimizer steps x
+4 sequences x 256 tokens (all tokens a method trains on, pruning-time training included; instruction
+examples are padded per batch, so the tokens actually seen are fewer and recorded), Alpaca, LoRA
+r 8 / alpha 16 / dropout 0.05 on the seven projections, lr 2e-4 (cosine, 5% warm-up), seed 0.
+LLM-Pruner takes its gradients on 16 calibration windows of 512 tokens of C4 (not training) and then
+recovers with LoRA for the whole budget; LoRAPrune prunes while it trains on the same budget.
+Primary figure: perplexity on WikiText-2 and PTB (seqlen 512, first 40 windows); zero-shot (piqa,
+hellaswag, arc_easy, winogrande, first 500 examples, with standard errors) only for the final rows.
+
+Each cell is one `shearkit run` in its own process (one torch thread), keeps its run directory under
+bench/out/training/<cell>/ (git-ignored), and merges its row into bench/results/training.jsonl as
+soon as it finishes, so the benchmark completes over several sittings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from cells import Results, machine, run_shearkit, today
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Results(ROOT / "bench" / "results" / "training.jsonl")
+WORK = ROOT / "bench" / "out" / "training"
+
+STEPS, BATCH, SEQLEN = 128, 4, 256
+TRAIN = {"steps": STEPS, "data": "alpaca", "seqlen": SEQLEN, "batch_size": BATCH, "lr": 2.0e-4, "seed": 0}
+EVAL = {"tasks": ["wikitext2", "ptb"], "seqlen": 512, "limit": 40}
+ZEROSHOT = {"tasks": ["piqa", "hellaswag", "arc_easy", "winogrande"], "limit": 500}
+PROTOCOL = {"model": "smollm2-135m", "budget_tokens": STEPS * BATCH * SEQLEN, "train": TRAIN, "eval": EVAL,
+            "lora": {"rank": 8, "alpha": 16, "dropout": 0.05}}
+
+# cell -> (method, ratio, prune options, final row?)
+CELLS: dict[str, tuple[str, float, dict, bool]] = {
+    "dense": ("dense", 0.0, {}, True),
+    "llm-pruner-r0.2": ("llm-pruner", 0.2, {}, True),
+    "loraprune-r0.2": ("loraprune", 0.2, {}, True),
+    "llm-pruner-r0.5": ("llm-pruner", 0.5, {}, True),
+    "loraprune-r0.5": ("loraprune", 0.5, {}, True),
+    "loraprune-r0.2-noema": ("loraprune", 0.2, {"ema": 0.0}, False),
+    "loraprune-r0.2-uniform": ("loraprune", 0.2, {"allocation": "uniform"}, False),
+}
+
+
+def recipe(cell: str) -> dict:
+    """The run's recipe: the protocol above, one method."""
+    method, ratio, opts, _ = CELLS[cell]
+    r: dict = {"model": {"name": PROTOCOL["model"], "device": "cpu", "dtype": "float32"}, "eval": EVAL,
+               "eval_dense": False}
+    if method == "llm-pruner":
+        r["calib"] = {"dataset": "c4", "samples": 16, "seqlen": 512, "seed": 0}
+        r["prune"] = {"method": method, "ratio": ratio, **opts}
+        r["recover"] = dict(TRAIN)
+    elif method == "loraprune":
+        r["prune"] = {"method": method, "ratio": ratio, "train": dict(TRAIN), **opts}
+    return r
+
+
+def run_cell(cell: str, budget_s: int) -> dict:
+    """Run one cell in a child process and return its row (status ok | failed | timeout)."""
+    out = WORK / cell
+    out.mkdir(parents=True, exist_ok=True)
+    rec = out / "recipe.yaml"
+    rec.write_text(yaml.safe_dump(recipe(cell), sort_keys=False))
+    method, ratio, opts, final = CELLS[cell]
+    row = {"key": cell, "method": method, "ratio": ratio, "options": opts, "final": final, "protocol": PROTOCOL,
+           "machine": machine(), "threads": 1, "date": today()}
+    t0 = time.perf_counter()
+    if method == "dense":
+        cmd = ["eval", PROTOCOL["model"], "--tasks", ",".join(EVAL["tasks"]), "--seqlen", str(EVAL["seqlen"]),
+               "--limit", str(EVAL["limit"]), "--out", str(out / "run"), "--overwrite", "--device", "cpu"]
+    else:
+        cmd = ["run", str(rec), "--out", str(out / "run"), "--overwrite"]
+    err = run_shearkit(cmd, budget_s)
+    row["wall_s"] = time.perf_counter() - t0
+    if err is not None:
+        return {**row, **err}
+    return read_run(out / "run", row)
+
+
+def read_run(run: Path, row: dict) -> dict:
+    """Fill a row from a finished run directory (metrics.json, plan.json)."""
+    m = json.loads((run / "metrics.json").read_text())
+    tasks = m["tasks"]
+    row.update(status="ok", wikitext2=tasks["wikitext2"]["value"], ptb=tasks["ptb"]["value"])
+    if "prune" in m:
+        row.update(ratio_achieved=m["prune"]["ratio_achieved"], prune_s=m["prune"]["wall_s"],
+                   prune_peak_mib=m["prune"]["peak_memory_bytes"] / 2**20)
+    if "recover" in m:
+        row.update(recover_s=m["recover"]["wall_s"], train_tokens=m["recover"]["budget"]["tokens"],
+                   train_loss_last=m["recover"].get("loss_last"))
+    plan = run / "plan.json"
+    if plan.exists():
+        extra = json.loads(plan.read_text()).get("extra", {})
+        if "train" in extra:  # loraprune: the training happened while pruning
+            row.update(train_tokens=extra["train"]["budget"]["tokens"], train_loss_last=extra["train"]["loss_last"])
+    if "params" in m:
+        row["params"] = m["params"]
+    return row
+
+
+def model_dir(cell: str) -> str:
+    return PROTOCOL["model"] if CELLS[cell][0] == "dense" else str(WORK / cell / "run" / "model")
+
+
+def zeroshot_cell(row: dict, budget_s: int) -> dict:
+    """Zero-shot scores of a final row's kept model (one child process)."""
+    out = WORK / row["key"] / "zeroshot"
+    cmd = ["eval", model_dir(row["key"]), "--tasks", ",".join(ZEROSHOT["tasks"]), "--limit", str(ZEROSHOT["limit"]),
+           "--out", str(out), "--overwrite", "--device", "cpu"]
+    t0 = time.perf_counter()
+    err = run_shearkit(cmd, budget_s)
+    if err is not None:
+        return {**row, "zeroshot_attempt": {**err, "date": today()}}
+    tasks = json.loads((out / "metrics.json").read_text())["tasks"]
+    zs = {name: {"value": t["value"], "metric": t["metric"], "stderr": t.get("stderr", {}).get(t["metric"])}
+          for name, t in tasks.items()}
+    return {**row, "zeroshot": zs, "zeroshot_protocol": ZEROSHOT, "zeroshot_s": time.perf_counter() - t0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cells", default=",".join(CELLS), help="comma-separated subset of: " + ", ".join(CELLS))
+    ap.add_argument("--budget", type=int, default=5400, help="seconds per cell before it is stopped")
+    ap.add_argument("--redo", action="store_true", help="run cells again even when they have a row")
+    ap.add_argument("--zeroshot", action="store_true", help="zero-shot scores for the final rows that lack them")
+    a = ap.parse_args()
+    cells = [c.strip() for c in a.cells.split(",") if c.strip()]
+    unknown = [c for c in cells if c not in CELLS]
+    if unknown:
+        raise SystemExit(f"unknown cell(s) {', '.join(unknown)}; cells: {', '.join(CELLS)}")
+    for i, cell in enumerate(cells, 1):
+        row = RESULTS.load().get(cell)
+        if a.zeroshot:
+            if row and row.get("status") == "ok" and row.get("final") and "zeroshot" not in row:
+                print(f"[{i}/{len(cells)}] {cell}: zero-shot ...", flush=True)
+                RESULTS.save(zeroshot_cell(row, a.budget))
+            continue
+        if row and row.get("status") == "ok" and row.get("protocol") == PROTOCOL and not a.redo:
+            print(f"[{i}/{len(cells)}] {cell}: done already, skipped", flush=True)
+            continue
+        print(f"[{i}/{len(cells)}] {cell}: running ...", flush=True)
+        new = run_cell(cell, a.budget)
+        RESULTS.save(new)
+        print(f"    {new.get('status')}: wikitext2 {new.get('wikitext2')}, ptb {new.get('ptb')}, "
+              f"{new['wall_s']:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

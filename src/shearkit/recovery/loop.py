@@ -1,0 +1,469 @@
+"""The one training loop (`Trainer`): peft adapters, accelerate for devices and accumulation,
+and `Callback`s at the points methods that prune while they train need.
+
+The same loop runs on CPU, one GPU, or several GPUs under `accelerate launch` (each process
+takes its own slice of every step's examples; losses are reduced across processes).
+
+Lifecycle of one optimizer step `s` (1-based):
+1. `grad_accum` micro-batches, each loss = (summed token loss) / (label tokens of the whole
+   step), so accumulating 2 x 1 sequences equals 1 x 2 sequences;
+2. gradient unscale and clipping; a NaN/inf loss or gradient, or a loss above `divergence` x
+   the best smoothed loss for `divergence_patience` steps, stops training and restores the last
+   adapter weights whose loss was finite and in range;
+3. `on_before_optimizer_step` (every trainable parameter's `.grad` holds the clipped gradient);
+4. optimizer and scheduler step, `zero_grad`; `on_step_end` (may add keys to the step's record);
+5. evaluation (`on_evaluate`), logging, checkpoint (`on_checkpoint`) at their intervals; a
+   callback's `trainer.request_stop(reason)` ends training after this step.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..arch.modules import set_activation_checkpointing
+from ..errors import ShearkitError
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .config import RecoverConfig
+from .data import IGNORE, TrainData, collate, pad_id
+from .guard import DivergenceGuard
+from .optimizers import OptimizerFactory, build_optimizer
+from .sampling import Sampler, StepSampler
+from .trainlog import TrainLog, plot_losses
+
+SCHEDULE_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+_OTHER = "trainable."  # checkpoint key prefix of trainable parameters that are not LoRA factors
+# settings that must not change between a checkpoint and the run resuming from it
+RESUME_KEYS = ("steps", "data", "mode", "seqlen", "batch_size", "grad_accum", "lr", "schedule", "warmup", "rank",
+               "alpha", "dropout", "target_modules", "seed", "weight_decay", "distill_weight")
+
+
+class Callback:
+    """Hooks into training; every method is optional. `name` keys its checkpoint state (default: class name)."""
+
+    name: str = "Callback"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:
+            cls.name = cls.__name__
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        """Once per `fit`, after a resume has restored every state, before the first step."""
+
+    def on_before_optimizer_step(self, trainer: Trainer, step: int) -> None:
+        """After the step's backward passes, gradient unscale and clipping, before `optimizer.step()`:
+        every trainable parameter's `.grad` holds the step's (clipped) gradient."""
+
+    def on_step_end(self, trainer: Trainer, step: int, record: dict) -> None:
+        """After `optimizer.step()`, `scheduler.step()` and `zero_grad()`; keys added to `record` are logged."""
+
+    def on_evaluate(self, trainer: Trainer, step: int, results: dict) -> None:
+        """After an evaluation (`results`: set -> perplexity; empty on processes other than the main one)."""
+
+    def on_checkpoint(self, trainer: Trainer, step: int, path: Path) -> None:
+        """After `path` (checkpoint-<step>, holding this callback's `state_dict()`) was written."""
+
+    def on_train_end(self, trainer: Trainer, history: dict) -> None:
+        """Once at the end of `fit` (also after a stop), with the finished history."""
+
+    def state_dict(self) -> dict:
+        """State to checkpoint: tensors and JSON-able values (tensors come back on the CPU)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned (called on resume, before `on_train_begin`)."""
+
+
+def check_teacher(model, teacher, cfg: RecoverConfig):
+    """The teacher to distil from (None when not distilling); a clear error when it is missing or mismatched."""
+    if cfg.distill_weight > 0 and teacher is None:
+        raise ShearkitError("recover.distill_weight > 0 needs a dense teacher model: pass teacher= (CLI: --teacher).")
+    if teacher is None or cfg.distill_weight == 0:
+        return None
+    v_s = model.get_output_embeddings().weight.shape[0]
+    v_t = teacher.get_output_embeddings().weight.shape[0]
+    if v_s != v_t:
+        raise ShearkitError(f"The teacher's vocabulary ({v_t}) differs from the model's ({v_s}); distil from the "
+                            "dense model the pruned one came from.")
+    return teacher
+
+
+def refuse_stale(root: Path | None, resume: bool) -> None:
+    """A fresh run must not mix its checkpoints with an earlier run's in `root`."""
+    if root is not None and not resume and latest_checkpoint(root) is not None:
+        raise ShearkitError(f"{root} already holds checkpoints of an earlier run; pass resume=True (CLI: --resume) "
+                            "to continue it, or choose another output directory.")
+
+
+def base_fingerprint(model) -> str:
+    """Fingerprint of the weights under the adapters, named as in the model before peft wrapped it
+    (a checkpoint resumes only onto the same base weights)."""
+    from ..plan import fingerprint_state
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return fingerprint_state({k.replace(".base_layer", ""): v for k, v in base.state_dict().items()
+                              if "lora_" not in k})
+
+
+def selects_logits(model) -> bool:
+    """Whether `model(..., logits_to_keep=<(batch, seq) bool mask>)` computes the vocabulary logits of
+    the masked positions only (transformers' `slice_logits_to_keep`; 5.0 took positions, not masks)."""
+    import inspect
+
+    from transformers import modeling_utils
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return (hasattr(modeling_utils, "slice_logits_to_keep")
+            and "logits_to_keep" in inspect.signature(base.forward).parameters)
+
+
+def _label_logits(model, batch: dict, keep: torch.Tensor, select: bool) -> torch.Tensor:
+    """(positions with a label, vocab) float logits: with `select`, the output head runs on those
+    positions only (prompt and padding positions never reach it), else every logit is formed."""
+    kw = {"logits_to_keep": keep} if select else {}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                   **kw).logits
+    return (logits if select else logits[keep]).float()  # .float(): a no-op in float32
+
+
+def _step_loss(model, batch: dict, n_label: int, teacher, cfg: RecoverConfig,
+               select: tuple[bool, bool] = (False, False)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to backpropagate, summed CE) of one micro-batch; normalised by the step's label tokens.
+    `select`: (student, teacher) compute logits only where a label is (`selects_logits`)."""
+    labels = batch["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts token t + 1
+    targets = labels[:, 1:][keep[:, :-1]]
+    student = _label_logits(model, batch, keep, select[0])
+    ce = F.cross_entropy(student, targets, reduction="sum")
+    loss = ce
+    if teacher is not None and cfg.distill_weight > 0:
+        with torch.no_grad():
+            t_logits = _label_logits(teacher, batch, keep, select[1])
+        temp = cfg.distill_temperature
+        t_logp = F.log_softmax(t_logits / temp, dim=-1)
+        s_logp = F.log_softmax(student / temp, dim=-1)
+        kd = (t_logp.exp() * (t_logp - s_logp)).sum() * temp * temp  # KL(teacher || student), Hinton scaling
+        loss = (1 - cfg.distill_weight) * ce + cfg.distill_weight * kd
+    return loss / max(n_label, 1), ce.detach()
+
+
+def _evaluate(model, tokenizer, cfg: RecoverConfig, data_dir) -> dict[str, float]:
+    """Perplexity of each eval set (quick: `eval_limit` windows), in eval mode."""
+    from ..eval.perplexity import perplexity
+
+    model.eval()
+    try:
+        return {t: perplexity(model, tokenizer, t, seqlen=cfg.eval_seqlen or cfg.seqlen, limit=cfg.eval_limit,
+                              data_dir=data_dir)["ppl"] for t in cfg.eval_tasks}
+    finally:
+        model.train()
+
+
+class Trainer:
+    """Trains a peft model's trainable parameters for `config.steps` optimizer steps (see the module docstring).
+
+    Public attributes callbacks may use: `model` (peft), `params` (trainable parameters),
+    `named_params` (name -> parameter), `optimizer`, `scheduler`, `acc` (accelerate.Accelerator),
+    `sampler`, `step` (last completed step), `config`, `history`.
+    """
+
+    def __init__(self, model, tokenizer, train: TrainData, config: RecoverConfig, *,
+                 callbacks: Sequence[Callback] = (), optimizer: Union[str, OptimizerFactory] = "adamw",
+                 sampler: Sampler | None = None, root: Path | None = None, teacher=None,
+                 data_dir=None, desc: str = "train", resume_keys: Sequence[str] = RESUME_KEYS):
+        """`model`: a peft model with its adapters attached (trainable = parameters with requires_grad);
+        `root`: folder for train_log.jsonl, loss.png and checkpoint-<step>/ (None: nothing written)."""
+        from accelerate import Accelerator
+        from transformers import get_scheduler
+
+        names = [cb.name for cb in callbacks]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ShearkitError(f"Callbacks need distinct names (they key the checkpoint state); "
+                                f"{', '.join(dup)} appears more than once: set `name` on each.")
+        self.model, self.tokenizer, self.train_data, self.config = model, tokenizer, train, config
+        self.callbacks = list(callbacks)
+        self.root = Path(root) if root is not None else None
+        self.data_dir = data_dir or config.data_dir
+        self.desc, self.resume_keys = desc, tuple(resume_keys)
+        self.teacher = check_teacher(model, teacher, config)
+        self.named_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.named_params:
+            raise ShearkitError("The model has no trainable adapter parameters.")
+        self.params = list(self.named_params.values())
+        self.base_fingerprint = base_fingerprint(model)
+        device = next(model.parameters()).device
+        self.acc = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=device.type == "cpu")
+        optim = build_optimizer(optimizer, self.params, config)
+        self.optimizer_class = type(optim).__name__
+        self.scheduler = get_scheduler(SCHEDULE_NAMES[config.schedule], optim, num_warmup_steps=config.warmup_steps,
+                                       num_training_steps=config.steps)
+        self.wrapped, self.optimizer = self.acc.prepare(model, optim)
+        if self.teacher is not None:
+            self.teacher.to(self.acc.device).eval()
+        # logits of labelled positions only: the full (batch, seq, vocab) tensor is never formed
+        self._select = (selects_logits(model), self.teacher is not None and selects_logits(self.teacher))
+        self.sampler: Sampler = sampler if sampler is not None else StepSampler(
+            len(train), config.batch_size, config.grad_accum, self.acc.num_processes, config.seed)
+        self.guard = DivergenceGuard(config.divergence, config.divergence_patience)
+        self.step = 0
+        self.tokens_seen = self.label_tokens = 0
+        self.history: dict[str, Any] = {}
+        self._stop: str | None = None
+        self._eval_time = 0.0
+
+    # -- control ---------------------------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        """End training cleanly after the current step (checkpointed when checkpoints are on)."""
+        self._stop = str(reason)
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    # -- one step ----------------------------------------------------------------------------------
+
+    def _forward_backward(self, step: int, pad: int, label_counts: list[int]) -> tuple[float, float | None, int, int]:
+        """Accumulate the gradients of one optimizer step (0-based `step`) on this process.
+
+        Returns (mean loss of the step over all processes, mean CE when distilling else None,
+        label tokens of the step, input tokens of the step).
+        """
+        acc, cfg, sampler = self.acc, self.config, self.sampler
+        # label tokens of the whole step over every process (the sampler is deterministic, so no
+        # communication is needed): normalising by it makes 2 processes x 1 sequence, 1 x 2 and
+        # 2 micro-batches x 1 the same update
+        n_label = sum(label_counts[i] for p in range(acc.num_processes) for m in range(cfg.grad_accum)
+                      for i in sampler.indices(step, m, p))
+        loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
+        ce_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
+        tokens = 0
+        for m in range(cfg.grad_accum):
+            cpu = collate(self.train_data, sampler.indices(step, m, acc.process_index), pad)
+            tokens += int(cpu["attention_mask"].sum())  # counted on the host: no device sync
+            batch = {k: v.to(acc.device, non_blocking=True) for k, v in cpu.items()}
+            with acc.accumulate(self.wrapped):
+                loss, ce = _step_loss(self.wrapped, batch, n_label, self.teacher, cfg, self._select)
+                # accelerate divides by grad_accum and DDP averages over processes; undo both,
+                # since the loss is already this process's share of the step's mean
+                acc.backward(loss * cfg.grad_accum * acc.num_processes)
+            loss_sum += loss.detach().double()
+            ce_sum += ce.double()
+        sums = acc.reduce(torch.stack([loss_sum, ce_sum, torch.tensor(float(tokens), device=acc.device,
+                                                                      dtype=torch.float64)]), "sum")
+        ce_mean = float(sums[1]) / max(n_label, 1) if self.teacher is not None else None
+        return float(sums[0]), ce_mean, n_label, int(sums[2])
+
+    # -- evaluation, checkpoints ---------------------------------------------------------------------
+
+    def evaluate(self, step: int | str) -> dict[str, float]:
+        """Perplexity on `config.eval_tasks` (main process), recorded in `history["eval"][step]`."""
+        t = time.perf_counter()
+        res: dict[str, float] = {}
+        if self.acc.is_main_process:
+            res = _evaluate(self.model, self.tokenizer, self.config, self.data_dir)
+            self.history["eval"][step] = res
+        self.acc.wait_for_everyone()
+        self._eval_time += time.perf_counter() - t
+        self._call("on_evaluate", step, res)
+        return res
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        """The adapters (peft's names) and any other trainable parameter (e.g. norms a method unfroze)."""
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.model)
+        state.update({_OTHER + n: p for n, p in self.named_params.items() if "lora_" not in n})
+        return state
+
+    def _load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        device = self.acc.device
+        set_peft_model_state_dict(self.model, {k: v.to(device) for k, v in state.items() if not k.startswith(_OTHER)})
+        with torch.no_grad():
+            for k, v in state.items():
+                if k.startswith(_OTHER):
+                    self.named_params[k[len(_OTHER):]].copy_(v)
+
+    def _save(self, step: int) -> None:
+        path = self.root / f"checkpoint-{step}"
+        if self.acc.is_main_process:
+            states = {cb.name: s for cb in self.callbacks if (s := cb.state_dict())}
+            save_checkpoint(self.root, step, self._trainable_state(), self.optimizer.state_dict(), {
+                "scheduler": self.scheduler.state_dict(), "guard": self.guard.state(),
+                "sampler": self.sampler.state_dict(), "tokens_seen": self.tokens_seen,
+                "label_tokens": self.label_tokens, "config": self.config.to_dict(),
+                "base_fingerprint": self.base_fingerprint, "processes": self.acc.num_processes,
+                "optimizer_class": self.optimizer_class}, states)
+        self.acc.wait_for_everyone()
+        self._call("on_checkpoint", step, path)
+
+    def _restore(self, path: Path) -> None:
+        """Load every state from checkpoint `path`, refusing one written under other settings."""
+        ckpt = load_checkpoint(path)
+        st = ckpt["state"]
+        if st.get("base_fingerprint") != self.base_fingerprint:
+            raise ShearkitError(f"Checkpoint {path} was made from other base weights; resume with the same model "
+                                "or start a new run directory.")
+        if st.get("processes", 1) != self.acc.num_processes:
+            raise ShearkitError(f"Checkpoint {path} was written by {st.get('processes', 1)} process(es); resume "
+                                f"with the same number (now {self.acc.num_processes}) so each step sees the same "
+                                "batches.")
+        now = self.config.to_dict()
+        changed = [k for k in self.resume_keys if st["config"].get(k) != now.get(k)]
+        if changed:
+            raise ShearkitError(f"Cannot resume from {path}: recover.{', recover.'.join(changed)} changed "
+                                "since it was written; use the same settings or a new run directory.")
+        if st.get("optimizer_class", self.optimizer_class) != self.optimizer_class:
+            raise ShearkitError(f"Checkpoint {path} was written with the {st['optimizer_class']} optimizer, this run "
+                                f"uses {self.optimizer_class}; use the same optimizer or a new run directory.")
+        states = ckpt["callbacks"]
+        mine = {cb.name for cb in self.callbacks}
+        missing = [cb.name for cb in self.callbacks if cb.name not in states and cb.state_dict()]
+        extra = sorted(set(states) - mine)
+        if missing or extra:
+            raise ShearkitError(f"Checkpoint {path} holds the state of callbacks {extra or 'none else'} and lacks "
+                                f"that of {missing or 'none'}; resume with the callbacks it was written with.")
+        self._load_trainable(ckpt["adapter"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        set_rng_state(ckpt["rng"])
+        self.guard.load(st["guard"])
+        self.sampler.load_state_dict(st.get("sampler", {}))
+        for cb in self.callbacks:
+            if cb.name in states:
+                cb.load_state_dict(states[cb.name])
+        self.step, self.tokens_seen, self.label_tokens = st["step"], st["tokens_seen"], st["label_tokens"]
+
+    # -- the run -------------------------------------------------------------------------------------
+
+    def fit(self, resume: bool = False) -> dict:
+        """Run `config.steps` optimizer steps (from the newest checkpoint under `root` when `resume`);
+        returns the history: losses, evaluations, stop reason, restored step, budget."""
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.config, self.acc
+        if resume and self.root is None:
+            raise ShearkitError("resume=True needs a training folder (root) whose checkpoints to continue.")
+        refuse_stale(self.root, resume)
+        self.step = self.tokens_seen = self.label_tokens = 0
+        self._stop, self._eval_time = None, 0.0
+        resumed_from = None
+        if resume and (ckpt_path := latest_checkpoint(self.root)) is not None:
+            self._restore(ckpt_path)
+            resumed_from = self.step
+        start = self.step
+        self.history = {"losses": [], "eval": {}, "stopped": None, "stopped_at": None, "stop_loss": None,
+                        "restored_to_step": None, "resumed_from": resumed_from}
+        history = self.history
+        log = (TrainLog(self.root / "train_log.jsonl", resume_step=start)
+               if self.root is not None and acc.is_main_process else None)
+        pad = pad_id(self.tokenizer)
+        label_counts = [sum(t != IGNORE for t in lab[1:]) for lab in self.train_data.labels]  # tokens with a loss
+        good = {n: p.detach().clone() for n, p in self.named_params.items()}
+        good_step = start
+        if cfg.gradient_checkpointing:
+            set_activation_checkpointing(self.model.get_base_model(), True)
+        try:
+            t0 = time.perf_counter()
+            self.model.train()
+            self._call("on_train_begin")
+            if cfg.eval_every and start == 0:
+                rec0 = {"step": 0, "eval_ppl": self.evaluate(0)}
+                if log is not None:
+                    log.append(rec0)
+            bar = tqdm(total=cfg.steps, initial=start, desc=self.desc, unit="step",
+                       disable=not acc.is_local_main_process)
+            for step in range(start + 1, cfg.steps + 1):
+                if self._stop is not None:  # asked for in on_train_begin: no step runs
+                    history.update(stopped=self._stop, stopped_at=self.step)
+                    break
+                step_loss, ce_mean, n_label, tokens = self._forward_backward(step - 1, pad, label_counts)
+                grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+                finite = grad_norm is None or math.isfinite(float(grad_norm))
+                verdict = self.guard.check(step_loss if finite else math.nan)
+                if verdict in ("nan", "diverged"):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        for n, p in self.named_params.items():
+                            p.copy_(good[n])
+                    history.update(stopped=verdict, stopped_at=step, stop_loss=step_loss, restored_to_step=good_step)
+                    acc.print(f"{self.desc}: {'non-finite loss' if verdict == 'nan' else 'divergence'} at step "
+                              f"{step} (loss {step_loss:.4g}); restored the adapters of step {good_step}.")
+                    break
+                if verdict == "ok":  # the weights this loss was measured on are known good
+                    for n, p in self.named_params.items():
+                        good[n].copy_(p.detach())
+                    good_step = step - 1
+                self._call("on_before_optimizer_step", step)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step = step
+                self.label_tokens += n_label
+                self.tokens_seen += tokens
+                record = {"step": step, "loss": step_loss, "ce": ce_mean, "lr": self.scheduler.get_last_lr()[0],
+                          "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                          "tokens_seen": self.tokens_seen, "label_tokens": self.label_tokens}
+                if ce_mean is None:
+                    record.pop("ce")
+                history["losses"].append(step_loss)
+                self._call("on_step_end", step, record)
+                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    record["eval_ppl"] = self.evaluate(step)
+                if log is not None and (step % cfg.log_every == 0 or step == cfg.steps or "eval_ppl" in record):
+                    log.append(record)
+                stopping = self._stop is not None
+                if self.root is not None and cfg.save_every and (step % cfg.save_every == 0 or stopping):
+                    self._save(step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}")
+                if stopping:
+                    history.update(stopped=self._stop, stopped_at=step)
+                    break
+            bar.close()
+            elapsed = time.perf_counter() - t0 - self._eval_time  # training time only
+            history["eval_time_s"] = self._eval_time
+            if history["restored_to_step"] is not None and cfg.eval_every:
+                self.evaluate("restored")
+        finally:
+            if cfg.gradient_checkpointing:
+                set_activation_checkpointing(self.model.get_base_model(), False)
+        self.model.eval()
+        history.update(self._summary(start, elapsed))
+        if log is not None:
+            # paths relative to root's parent (the run directory), so the run directory can be moved
+            base = self.root.parent
+            history["log"] = log.path.relative_to(base).as_posix()
+            plot = plot_losses(log.records, self.root / "loss.png", f"LoRA recovery on {cfg.data}")
+            history["plot"] = plot.relative_to(base).as_posix() if plot else None
+        self._call("on_train_end", history)
+        acc.wait_for_everyone()
+        return history
+
+    def _summary(self, start: int, elapsed: float) -> dict:
+        cfg, acc, done = self.config, self.acc, self.step
+        losses = self.history["losses"]
+        ran = max(done - start, 0)
+        seqs = cfg.batch_size * cfg.grad_accum * acc.num_processes
+        return {
+            "steps_planned": cfg.steps, "steps_done": done, "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None, "time_s": elapsed,
+            "s_per_step": elapsed / ran if ran else None, "processes": acc.num_processes, "device": str(acc.device),
+            "data": self.train_data.record, "epochs": self.sampler.epochs(done),
+            "budget": {"tokens": self.tokens_seen, "label_tokens": self.label_tokens, "sequences": done * seqs,
+                       "sequences_per_step": seqs,
+                       "statement": f"{done} steps x {seqs} sequences (<= {cfg.seqlen} tokens) = "
+                                    f"{self.tokens_seen:,} tokens seen, {self.label_tokens:,} trained on"},
+            "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout,
+                     "target_modules": cfg.target_modules or "all block projections"},
+        }
