@@ -21,8 +21,11 @@ def prune_cmd(
     method: Optional[str] = typer.Option(None, "--method", help="Pruning method (see `shearkit list`), e.g. "
                                          "llm-pruner, wanda, sparsegpt, besa."),
     ratio: Optional[float] = typer.Option(None, "--ratio", help="Structured methods: fraction of the decoder blocks' "
-                                          "parameters removed. Unstructured: sparsity of their linear weights."),
+                                          "parameters removed. Unstructured: sparsity of their linear weights. Block methods: "
+                                          "fraction of the blocks removed."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Alias of --ratio for unstructured methods."),
+    blocks: Optional[int] = typer.Option(None, "--blocks", help="Block methods (shortgpt): number of blocks removed "
+                                         "(instead of --ratio, which takes round(ratio x blocks))."),
     nm: Optional[str] = typer.Option(None, "--nm", help="N:M pattern for unstructured methods, e.g. 2:4."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data set or file (default c4)."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration windows (default 64)."),
@@ -56,7 +59,7 @@ def prune_cmd(
     m = pick_model(model, model_opt, required=recipe is None)
     if recipe is None and not method:
         raise ShearkitError("No method given: pass --method (see `shearkit list` for the methods).")
-    prune_sec = {"method": method, "ratio": r_val, "nm": nm, "seed": seed}
+    prune_sec = {"method": method, "ratio": r_val, "blocks": blocks, "nm": nm, "seed": seed}
     extra = {
         "model": model_section(m, device, dtype, cache_dir, trust_remote_code),
         "calib": {"dataset": calib, "samples": calib_samples, "seqlen": calib_seqlen, "seed": seed,

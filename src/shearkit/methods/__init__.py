@@ -110,6 +110,10 @@ def method_config(data: dict) -> PruneConfig:
         raise ShearkitError(f"N:M sparsity (--nm / prune.nm) applies only to unstructured methods, and '{name}' is "
                             f"{METHODS[name].kind}. Drop --nm, or use a method that takes it: "
                             f"{', '.join(nm_methods(data['nm']))}.")
+    if data.get("blocks") is not None and METHODS[name].kind != "blocks":
+        raise ShearkitError(f"A block count (--blocks / prune.blocks) applies only to block methods "
+                            f"({', '.join(k for k, v in sorted(METHODS.items()) if v.kind == 'blocks')}), and "
+                            f"'{name}' is {METHODS[name].kind}; use --ratio.")
     if "sparsity" in data and "ratio" not in data:  # alias used by the unstructured methods
         data["ratio"] = data.pop("sparsity")
     return build_config(cls.config_cls, data, "prune")
