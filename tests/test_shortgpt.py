@@ -96,3 +96,12 @@ def test_command_line_block_count(how, tiny_model_dir, tmp_path):
     plan = json.loads((out / "plan.json").read_text())
     assert plan["kind"] == "blocks" and len(plan["blocks"]) == 1 and plan["ratio_target"] == pytest.approx(1 / 3)
     assert json.loads((out / "model" / "config.json").read_text())["num_hidden_layers"] == 2
+    if how[0] == "--blocks":  # the run's report plots the score of every block
+        from shearkit.report import write_report
+
+        rep = write_report(out)
+        md = (rep / "report.md").read_text()
+        assert "block scores by layer" in md and (rep / "figures" / "extra-block-scores.png").is_file()
+        assert f"| {plan['blocks'][0]} | removed |" in md
+        shown = CliRunner().invoke(app, ["plan", "show", str(out / "plan.json")], env={"COLUMNS": "200"}).output
+        assert "score (bi)" in shown and shown.count("removed") == 2 and shown.count("kept") == 2  # + "blocks removed:"

@@ -148,12 +148,23 @@ def _print_plan(plan) -> None:
         headers, rows = plan_table(plan)
         print_table(title, headers, rows)
         typer.echo(f"export: {plan_summary(plan)['export']}")
+    elif plan.kind == "blocks":
+        print_table(title, *_block_rows(plan))
     else:
         print_table(title, ["layer", "sparsity"], plan.summary_rows())
     if plan.blocks:
         typer.echo(f"blocks removed: {plan.blocks}")
     if plan.replaced:
         typer.echo(f"blocks replaced (block <- shared source): {plan.replaced}")
+
+
+def _block_rows(plan) -> tuple[list[str], list[list]]:
+    """Headers and one row per block of a block plan: its score(s) and whether it stays."""
+    scores = (plan.extra or {}).get("block_scores") or {}
+    n = (plan.base or {}).get("num_layers") or max([*plan.blocks, *map(int, plan.replaced), -1]) + 1
+    status = {i: "removed" for i in plan.blocks} | {int(k): f"replaced by {v}" for k, v in plan.replaced.items()}
+    rows = [[i, *(f"{v[i]:.4f}" for v in scores.values()), status.get(i, "kept")] for i in range(n)]
+    return ["block", *(f"score ({k})" for k in scores), "status"], rows
 
 
 @plan_app.command("show")
