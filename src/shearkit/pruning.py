@@ -37,7 +37,8 @@ def prune(model, tokenizer, method: str | PruneConfig, ratio: float | None = Non
     Args:
         method: a method name (see `shearkit list`) or a method config object.
         ratio: structured methods: fraction of the decoder blocks' parameters to remove;
-            unstructured methods: sparsity of the blocks' linear weights.
+            unstructured methods: sparsity of the blocks' linear weights; block methods: fraction
+            of the blocks removed, round(ratio x blocks) (or `blocks=K` for exactly K).
         calib: a LongTensor (n, seqlen) of calibration tokens, or a `CalibConfig`; default:
             64 windows of 512 tokens from `c4`.
         dry_run: decide the plan without changing `model`.
