@@ -50,6 +50,6 @@ def test_cli_registers_every_command_module():
 def test_unknown_plan_kind_is_a_clear_error(tiny_llama):
     from shearkit import apply_plan
 
-    plan = Plan(method="x", kind="blocks", ratio_target=0.1, blocks=[1])
-    with pytest.raises(ShearkitError, match="structured"):
+    plan = Plan(method="x", kind="sideways", ratio_target=0.1, blocks=[1])
+    with pytest.raises(ShearkitError, match="'sideways' is not one shearkit can apply.*'blocks'"):
         apply_plan(tiny_llama, plan, check=False)

@@ -2,7 +2,8 @@
 
 Each case either prunes a tiny random model and checks that the target is reached (exact
 sparsity for unstructured methods; for structured ones a parameter ratio at or above the
-target by no more than the planner's stated tolerance), that the model still runs (and decodes
+target by no more than the planner's stated tolerance; for block methods round(target x
+blocks) whole blocks gone, the others' parameters all kept), that the model still runs (and decodes
 with its KV cache as it computes without), and that
 it saves and reloads (with `shearkit.load`, and with plain transformers where the layout is
 plain or through its own modeling file) to the very same logits; or, where the method does
@@ -27,8 +28,9 @@ from shearkit.sparsity.layers import block_linears
 from conftest import FAMILIES, VOCAB, make_tiny
 
 # the target each kind of method is asked for: every tiny layer has an even number of weights,
-# so an unstructured 50% is an integer count per layer and per block
-TARGETS = {"structured": 0.25, "unstructured": 0.5}
+# so an unstructured 50% is an integer count per layer and per block; a third of the blocks is
+# one block of the tiny models (3 blocks, 2 for llama_tied)
+TARGETS = {"structured": 0.25, "unstructured": 0.5, "blocks": 1 / 3}
 CALIB = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
 PROBE = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
 
@@ -75,6 +77,14 @@ def _check_target(kind: str, plan, dense, model) -> None:
     before, after = base_block_params(dense), base_block_params(model)
     removed = 1 - after / before
     assert plan.ratio_achieved == pytest.approx(removed, abs=1e-12)  # reported = counted from the shapes
+    if kind == "blocks":  # whole blocks: round(target x blocks) of them, the rest untouched
+        n = get_adapter(dense).num_layers
+        k = int(target * n + 0.5)
+        assert len(plan.blocks) == k and get_adapter(model).num_layers == model.config.num_hidden_layers == n - k
+        kept = [i for i in range(n) if i not in plan.blocks]
+        sizes = [sum(p.numel() for p in get_adapter(dense).layers[i].parameters()) for i in range(n)]
+        assert after == sum(sizes[i] for i in kept)
+        return
     # the planner's stated tolerance: under one unit (global allocation), one unit per unit
     # sequence (an MLP and an attention sequence per prunable layer) with uniform allocation
     cfg = plan.config

@@ -37,7 +37,8 @@ def prune(model, tokenizer, method: str | PruneConfig, ratio: float | None = Non
     Args:
         method: a method name (see `shearkit list`) or a method config object.
         ratio: structured methods: fraction of the decoder blocks' parameters to remove;
-            unstructured methods: sparsity of the blocks' linear weights.
+            unstructured methods: sparsity of the blocks' linear weights; block methods: fraction
+            of the blocks removed, round(ratio x blocks) (or `blocks=K` for exactly K).
         calib: a LongTensor (n, seqlen) of calibration tokens, or a `CalibConfig`; default:
             64 windows of 512 tokens from `c4`.
         dry_run: decide the plan without changing `model`.
@@ -79,14 +80,14 @@ def calib_tokens(tokenizer, calib, data_dir=None):
 
 
 def apply_plan(model, plan: Plan, *, check: bool = True, masks: dict | None = None):
-    """Apply a plan to its base model (structured: slice; unstructured: zero with its masks, or
-    `masks` when given).
+    """Apply a plan to its base model (structured: slice; blocks: remove the blocks it lists;
+    unstructured: zero with its masks, or `masks` when given).
 
     With `check`, a plan made for another model is refused.
     """
     if check:
         plan.check_base(model)
-    if plan.kind == "structured":
+    if plan.kind in ("structured", "blocks"):
         from .surgery import apply_structured
 
         return apply_structured(model, plan)
@@ -95,4 +96,4 @@ def apply_plan(model, plan: Plan, *, check: bool = True, masks: dict | None = No
 
         return apply_masks(model, plan, masks)
     raise ShearkitError(f"Plan kind '{plan.kind}' is not one shearkit can apply: it applies 'structured' plans "
-                        "(which may also list removed blocks) and 'unstructured' ones.")
+                        "(which may also list removed blocks), 'blocks' and 'unstructured' ones.")

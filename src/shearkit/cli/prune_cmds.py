@@ -21,8 +21,11 @@ def prune_cmd(
     method: Optional[str] = typer.Option(None, "--method", help="Pruning method (see `shearkit list`), e.g. "
                                          "llm-pruner, wanda, sparsegpt, besa."),
     ratio: Optional[float] = typer.Option(None, "--ratio", help="Structured methods: fraction of the decoder blocks' "
-                                          "parameters removed. Unstructured: sparsity of their linear weights."),
+                                          "parameters removed. Unstructured: sparsity of their linear weights. Block methods: "
+                                          "fraction of the blocks removed."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Alias of --ratio for unstructured methods."),
+    blocks: Optional[int] = typer.Option(None, "--blocks", help="Block methods (shortgpt): number of blocks removed "
+                                         "(instead of --ratio, which takes round(ratio x blocks))."),
     nm: Optional[str] = typer.Option(None, "--nm", help="N:M pattern for unstructured methods, e.g. 2:4."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data set or file (default c4)."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration windows (default 64)."),
@@ -56,7 +59,7 @@ def prune_cmd(
     m = pick_model(model, model_opt, required=recipe is None)
     if recipe is None and not method:
         raise ShearkitError("No method given: pass --method (see `shearkit list` for the methods).")
-    prune_sec = {"method": method, "ratio": r_val, "nm": nm, "seed": seed}
+    prune_sec = {"method": method, "ratio": r_val, "blocks": blocks, "nm": nm, "seed": seed}
     extra = {
         "model": model_section(m, device, dtype, cache_dir, trust_remote_code),
         "calib": {"dataset": calib, "samples": calib_samples, "seqlen": calib_seqlen, "seed": seed,
@@ -145,12 +148,23 @@ def _print_plan(plan) -> None:
         headers, rows = plan_table(plan)
         print_table(title, headers, rows)
         typer.echo(f"export: {plan_summary(plan)['export']}")
+    elif plan.kind == "blocks":
+        print_table(title, *_block_rows(plan))
     else:
         print_table(title, ["layer", "sparsity"], plan.summary_rows())
     if plan.blocks:
         typer.echo(f"blocks removed: {plan.blocks}")
     if plan.replaced:
         typer.echo(f"blocks replaced (block <- shared source): {plan.replaced}")
+
+
+def _block_rows(plan) -> tuple[list[str], list[list]]:
+    """Headers and one row per block of a block plan: its score(s) and whether it stays."""
+    scores = (plan.extra or {}).get("block_scores") or {}
+    n = (plan.base or {}).get("num_layers") or max([*plan.blocks, *map(int, plan.replaced), -1]) + 1
+    status = {i: "removed" for i in plan.blocks} | {int(k): f"replaced by {v}" for k, v in plan.replaced.items()}
+    rows = [[i, *(f"{v[i]:.4f}" for v in scores.values()), status.get(i, "kept")] for i in range(n)]
+    return ["block", *(f"score ({k})" for k in scores), "status"], rows
 
 
 @plan_app.command("show")

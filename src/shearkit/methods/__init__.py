@@ -8,7 +8,8 @@ Writing a method:
   folder for their checkpoints). The bases live beside it: `base.py` (`PruneConfig`,
   `PruneMethod`, `MethodContext`), `structured.py` (`StructuredMethod`: implement
   `score(model, ctx, layers)`; dense layers, allocation and planning are shared) and
-  `blockwise.py` (`BlockwiseSparsifier`: implement `prune_layer` or `prune_block`).
+  `blockwise.py` (`BlockwiseSparsifier`: implement `prune_layer` or `prune_block`) and `blocks.py`
+  (`BlockMethod`: whole blocks scored and the lowest removed).
 - add one line to `_MODULES` below: module, kind, description and the model families (`arch`
   adapter families) it supports. `shearkit list` and recipes read it without importing torch,
   the class gets its `kind` from it (declare it nowhere else), and `shearkit.prune` refuses the
@@ -42,6 +43,7 @@ _MODULES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
     "structured-magnitude": ("shearkit.methods.structured_magnitude", "structured", "Structured pruning by group weight magnitude (heads / KV groups, MLP channels).", ALL_FAMILIES),
     "llm-pruner": ("shearkit.methods.llm_pruner", "structured", "LLM-Pruner: structured pruning by first-order Taylor importance (calibration gradients).", ALL_FAMILIES),
     "loraprune": ("shearkit.methods.loraprune", "structured", "LoRAPrune: structured pruning during LoRA training, importance from the LoRA gradients.", ALL_FAMILIES),
+    "shortgpt": ("shearkit.methods.shortgpt", "blocks", "ShortGPT: remove the decoder blocks with the lowest Block Influence (1 - cos(input, output)).", ALL_FAMILIES),
     "magnitude": ("shearkit.methods.magnitude", "unstructured", "Magnitude: per-layer |W| threshold, unstructured or N:M", ALL_FAMILIES),
     "wanda": ("shearkit.methods.wanda", "unstructured", "Wanda: |W|*||X|| per output row, unstructured or N:M", ALL_FAMILIES),
     "sparsegpt": ("shearkit.methods.sparsegpt", "unstructured", "SparseGPT: Hessian-based pruning with OBS weight updates", ALL_FAMILIES),
@@ -108,6 +110,10 @@ def method_config(data: dict) -> PruneConfig:
         raise ShearkitError(f"N:M sparsity (--nm / prune.nm) applies only to unstructured methods, and '{name}' is "
                             f"{METHODS[name].kind}. Drop --nm, or use a method that takes it: "
                             f"{', '.join(nm_methods(data['nm']))}.")
+    if data.get("blocks") is not None and METHODS[name].kind != "blocks":
+        raise ShearkitError(f"A block count (--blocks / prune.blocks) applies only to block methods "
+                            f"({', '.join(k for k, v in sorted(METHODS.items()) if v.kind == 'blocks')}), and "
+                            f"'{name}' is {METHODS[name].kind}; use --ratio.")
     if "sparsity" in data and "ratio" not in data:  # alias used by the unstructured methods
         data["ratio"] = data.pop("sparsity")
     return build_config(cls.config_cls, data, "prune")

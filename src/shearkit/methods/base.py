@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 @dataclass
 class PruneConfig:
     """Fields every method has. `ratio`: for structured methods the fraction of the decoder
-    blocks' parameters removed; for unstructured ones the sparsity of the blocks' linear weights."""
+    blocks' parameters removed; for unstructured ones the sparsity of the blocks' linear weights;
+    for block methods the fraction of the blocks taken, round(ratio x blocks)."""
 
     method: str = ""
     ratio: float = 0.2

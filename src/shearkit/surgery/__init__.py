@@ -13,17 +13,20 @@ import torch
 from torch import nn
 
 from ..arch.modules import unwrap
+from ..errors import ShearkitError
 from ..graph.groups import check_lora_shapes, expand_part
 from ..graph.removal import removal_map
 from ..plan import Plan
 from .slicing import axis_of, fix_lora_sizes, keep, zero
-from .sync import remove_blocks, sync_block_attrs, sync_config
+from .blocks import rebuild_blocks, remove_blocks
+from .sync import sync_block_attrs, sync_config
 
-__all__ = ["apply_structured", "mask_structured", "remove_blocks", "sync_config"]
+__all__ = ["apply_structured", "mask_structured", "rebuild_blocks", "remove_blocks", "sync_config"]
 
 
 def apply_structured(model: nn.Module, plan: Plan) -> nn.Module:
-    """Slice `model` in place as `plan` says and return it (a peft wrapper stays wrapped).
+    """Slice `model` in place as `plan` says and return it (a peft wrapper stays wrapped); a plan
+    of kind `blocks` (whole blocks removed, nothing sliced) goes the same way.
 
     Raises:
         ShearkitError: the plan does not fit the model (indices out of range, unequal query
@@ -33,6 +36,9 @@ def apply_structured(model: nn.Module, plan: Plan) -> nn.Module:
 
     m = unwrap(model)
     ad = get_adapter(m)
+    if plan.replaced:
+        raise ShearkitError(f"Plan replaces blocks ({plan.replaced}) by shared copies; this shearkit removes "
+                            "blocks but cannot build shared replacements yet.")
     check_lora_shapes(m)
     rem = removal_map(m, plan)  # validates before anything changes
     tied = ad.tied_embeddings

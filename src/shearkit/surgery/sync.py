@@ -47,30 +47,6 @@ def sync_block_attrs(model: nn.Module) -> None:
                 mod.intermediate_size = b.mlp.width
 
 
-def remove_blocks(model: nn.Module, indices) -> None:
-    """Delete decoder blocks, renumber the survivors' `layer_idx` (KV-cache slots) and the config."""
-    from ..arch import get_adapter
-
-    m = unwrap(model)
-    ad = get_adapter(m)
-    gone = set(indices)
-    if not gone:
-        return
-    n = ad.num_layers
-    kept = [blk for i, blk in enumerate(ad.layers) if i not in gone]
-    parent_path, _, leaf = ad.layers_path.rpartition(".")
-    setattr(m.get_submodule(parent_path) if parent_path else m, leaf, nn.ModuleList(kept))
-    for j, blk in enumerate(kept):
-        for mod in blk.modules():
-            if isinstance(getattr(mod, "layer_idx", None), int):
-                mod.layer_idx = j
-    cfg = m.config
-    cfg.num_hidden_layers = len(kept)
-    types = getattr(cfg, "layer_types", None)
-    if isinstance(types, list) and len(types) == n:
-        cfg.layer_types = [t for i, t in enumerate(types) if i not in gone]
-
-
 def layer_shapes(model: nn.Module) -> dict[str, Any]:
     """Per-layer module shapes `(out, in)` and cached attributes, by path inside the block."""
     from ..arch import get_adapter
