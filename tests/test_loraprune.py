@@ -71,6 +71,8 @@ def test_allocation_and_moving_average_options(tiny_tokenizer, data_dir):
     for p in (uni, glob, raw):
         assert p.ratio_achieved >= 0.3
     assert raw.config["ema"] == 0.0
+    # per-module normalised scores rank within a set only: used with uniform allocation, not global
+    assert uni.extra["normalized_scores"] is True and glob.extra["normalized_scores"] is False
 
 
 def test_the_model_trains_while_it_prunes(tiny_tokenizer, data_dir):

@@ -187,3 +187,14 @@ def test_importance_passes_score_the_same_with_recomputed_activations(which):
     assert plain.keys() == ckpt.keys()
     for k in plain:
         torch.testing.assert_close(plain[k], ckpt[k], rtol=1e-4, atol=1e-7, msg=str(k))
+
+
+def test_plain_scores_are_the_group_sums_of_the_importance_maps():
+    """Without normalisation a channel's score is the sum of |G_hat * W_eff| over its rows of gate and
+    up and its column of down: a first-order loss change, comparable across group kinds."""
+    model = _lora(make_tiny("llama"))
+    model(input_ids=_ids(), labels=_ids()).loss.backward()
+    mlp = unwrap(model).model.layers[1].mlp
+    got = lora_group_scores(model, {("mlp_channel", 1): mlp_channels(model, 1)}, normalize=False)
+    want = importance_map(mlp.gate_proj).sum(1) + importance_map(mlp.up_proj).sum(1) + importance_map(mlp.down_proj).sum(0)
+    torch.testing.assert_close(got[("mlp_channel", 1)], want, rtol=1e-5, atol=1e-9)

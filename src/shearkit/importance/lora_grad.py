@@ -11,8 +11,12 @@ the official code's absolute value). `G_hat` is formed for one module at a time 
 group sums at once, so scoring holds one weight-sized temporary, not a gradient per weight.
 
 Per group set (the KV groups or the MLP channels of a layer), each module's contribution is
-divided by its own L2 norm before the contributions are added (the official per-module
-normalisation), so a group's score does not depend on which module happens to have large values.
+divided by its own L2 norm before the contributions are added (`normalize=True`, the official
+per-module normalisation), so a group's score does not depend on which module happens to have large
+values. Normalised scores rank the groups of one set; they are not comparable between sets of
+different sizes (3 KV groups against 1536 channels), so ranking across kinds and layers (global
+allocation) takes the plain sums (`normalize=False`), first-order estimates of the loss change in
+one unit for every group.
 """
 from __future__ import annotations
 
@@ -61,8 +65,8 @@ def importance_map(layer: nn.Module, adapter: str = "default") -> torch.Tensor:
     return (g_hat(layer, adapter) * effective_weight(layer, adapter)).abs_()
 
 
-def lora_group_scores(model: nn.Module, sets: dict[tuple[str, int], GroupSet],
-                      adapter: str = "default") -> dict[tuple[str, int], torch.Tensor]:
+def lora_group_scores(model: nn.Module, sets: dict[tuple[str, int], GroupSet], adapter: str = "default",
+                      normalize: bool = True) -> dict[tuple[str, int], torch.Tensor]:
     """One score per group for every group set (keyed (kind, layer)), from the current LoRA gradients.
 
     Each module's importance map is built once and reduced for every part that reads it, then
@@ -85,6 +89,6 @@ def lora_group_scores(model: nn.Module, sets: dict[tuple[str, int], GroupSet],
                 v = imp[idx].reshape(idx.shape[0], -1).sum(1)
             else:
                 v = imp[:, idx].sum(dim=(0, 2))
-            out[key] += (v / (v.norm() + EPS)).cpu()
+            out[key] += (v / (v.norm() + EPS) if normalize else v).cpu()
         del imp
     return out

@@ -20,7 +20,9 @@ prune: {method: loraprune, ratio: 0.2, train: {steps: 128, data: alpaca, seqlen:
 `ratio` is the fraction of the decoder blocks' parameters removed, as for llm-pruner. Deviations
 from the official code: under GQA a KV group (its k/v rows and every query head reading it) is
 one unit, never k/v alone; allocation is global over the moving-average scores by default (the
-official per-layer uniform allocation is `allocation: uniform`); the last prune reaches the
+official per-layer uniform allocation is `allocation: uniform`), and global allocation ranks the plain
+first-order sums, since the official per-module L2 normalisation (kept with `uniform`) makes a
+layer's few KV groups and its many channels incomparable; the last prune reaches the
 target exactly (the official loop stops just below it); the first 10% of layers and the last
 stay dense, as in the official code.
 """
@@ -45,7 +47,10 @@ from . import register_method
 class LoRAPruneConfig(StructuredConfig):
     """ema: weight of the past in the moving-average scores (0 = the current step only);
     warmup / cooldown: fractions of the training steps before the first and after the last prune;
-    prune_every: optimizer steps between prunes; rank/alpha/dropout/target_modules: the LoRA;
+    prune_every: optimizer steps between prunes; normalize: divide each module's scores by their L2
+    norm before adding them (the official code; None: with uniform allocation only, since normalised
+    scores of a layer's 3 KV groups and its 1536 channels cannot be ranked against each other);
+    rank/alpha/dropout/target_modules: the LoRA;
     train: the training run (fields of `recover`: steps, data, seqlen, batch_size, grad_accum, lr, ...).
     dense_first / dense_last: None keeps LoRAPrune's int(0.1 x layers) first and the last layer dense."""
 
@@ -56,6 +61,7 @@ class LoRAPruneConfig(StructuredConfig):
     warmup: float = 0.1
     cooldown: float = 0.1
     prune_every: int = 10
+    normalize: bool | None = None
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
@@ -99,6 +105,7 @@ class LoRAPruneScores(Callback):
         from ..surgery.output_masks import StructuredMasks
 
         self.model, self.method, self.cfg, self.steps = model, method, method.config, steps
+        self.normalize = self.cfg.allocation == "uniform" if self.cfg.normalize is None else self.cfg.normalize
         self.sets = {(kind, i): gs for i in layers
                      for kind, gs in layer_groups(model, i, self.cfg.attn_unit).items()}
         if self.cfg.attn_unit == "none":
@@ -115,7 +122,7 @@ class LoRAPruneScores(Callback):
     def on_before_optimizer_step(self, trainer, step: int) -> None:
         from ..importance.lora_grad import lora_group_scores
 
-        fresh = lora_group_scores(self.model, self.sets)
+        fresh = lora_group_scores(self.model, self.sets, normalize=self.normalize)
         if all(bool(torch.isfinite(v).all()) for v in fresh.values()):
             b = self.cfg.ema
             for k, v in fresh.items():
@@ -226,6 +233,7 @@ class LoRAPrune(StructuredMethod):
         merged = peft_model.merge_and_unload()
         apply_structured(merged, plan)
         plan.extra.update({"schedule": scores.history, "skipped_steps": scores.skipped,
+                           "normalized_scores": scores.normalize,
                            "train": {k: history.get(k) for k in ("steps_done", "loss_first", "loss_last", "time_s",
                                                                     "budget", "stopped")}})
         return plan
