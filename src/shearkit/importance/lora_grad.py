@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import ShearkitError
-from ..arch.modules import is_conv1d, is_lora_layer, unwrap
+from ..arch.modules import is_lora_layer, unwrap, weight_view
 from ..graph.groups import GroupSet
 
 EPS = 1e-8
@@ -53,11 +53,7 @@ def g_hat(layer: nn.Module, adapter: str = "default") -> torch.Tensor:
 def effective_weight(layer: nn.Module, adapter: str = "default") -> torch.Tensor:
     """`W + s B A` as (out, in), float32: the weight the layer computes with."""
     a, b, s = lora_factors(layer, adapter)
-    base = layer.base_layer
-    w = base.weight.detach().float()
-    if is_conv1d(base):
-        w = w.T
-    return w + s * (b.detach().float() @ a.detach().float())
+    return weight_view(layer.base_layer).detach().float() + s * (b.detach().float() @ a.detach().float())
 
 
 def importance_map(layer: nn.Module, adapter: str = "default") -> torch.Tensor:
