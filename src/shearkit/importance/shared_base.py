@@ -66,10 +66,15 @@ def max_rank(model: nn.Module) -> tuple[int, str]:
     return best
 
 
+def block_shapes(model: nn.Module, i: int) -> dict[str, tuple[int, int]]:
+    """Block i's projection shapes (out, in) by block-relative path."""
+    return {k: tuple(w.shape) for k, w in block_weights(model, i).items()}
+
+
 def choose_bases(model: nn.Module, pruned: Sequence[int], rank: int, select: str = "lowrank"
                  ) -> tuple[dict[int, int], dict[int, dict[int, float]]]:
-    """For each pruned block, the kept block at the smallest distance (ties: the nearer in depth,
-    then the earlier), and every distance computed: ({i: base}, {i: {j: distance}})."""
+    """For each pruned block, the kept block of the same shapes at the smallest distance (ties:
+    the nearer in depth, then the earlier), and every distance computed: ({i: base}, {i: {j: distance}})."""
     if select not in SELECTIONS:
         raise ShearkitError(f"prune.select must be one of {', '.join(SELECTIONS)}, got '{select}'.")
     n = get_adapter(unwrap(model)).num_layers
@@ -77,10 +82,16 @@ def choose_bases(model: nn.Module, pruned: Sequence[int], rank: int, select: str
     kept = [j for j in range(n) if j not in gone]
     if not gone or not kept:
         raise ShearkitError(f"Base selection needs pruned and kept blocks; got pruned {gone} of {n}.")
+    shapes = {b: block_shapes(model, b) for b in range(n)}
+    candidates = {i: [j for j in kept if shapes[j] == shapes[i]] for i in gone}
+    lonely = [i for i, c in candidates.items() if not c]
+    if lonely:
+        raise ShearkitError(f"Blocks {lonely} have projection widths no kept block has (per-layer widths), so no "
+                            "kept block can lend them its weights; prune widths uniformly, or choose other blocks.")
     with torch.no_grad():
         if select == "lowrank":
             factors = {b: {k: truncated_svd(w, rank) for k, w in block_weights(model, b).items()}
-                       for b in (*gone, *kept)}
+                       for b in sorted({*gone, *(j for c in candidates.values() for j in c)})}
 
             def dist(i: int, j: int) -> float:
                 return sum(lowrank_distance(factors[i][k], factors[j][k], rank) for k in factors[i])
@@ -89,6 +100,6 @@ def choose_bases(model: nn.Module, pruned: Sequence[int], rank: int, select: str
                 wi, wj = block_weights(model, i), block_weights(model, j)
                 return sum(float(torch.linalg.matrix_norm(wi[k].float() - wj[k].float()).double()) for k in wi)
 
-        distances = {i: {j: dist(i, j) for j in kept} for i in gone}
-    bases = {i: min(kept, key=lambda j: (d[j], abs(i - j), j)) for i, d in distances.items()}
+        distances = {i: {j: dist(i, j) for j in candidates[i]} for i in gone}
+    bases = {i: min(d, key=lambda j: (d[j], abs(i - j), j)) for i, d in distances.items()}
     return bases, distances

@@ -28,7 +28,7 @@ from torch import nn
 from ..arch import get_adapter
 from ..arch.modules import unwrap
 from ..errors import ShearkitError
-from ..importance.shared_base import block_weights, max_rank, truncated_svd
+from ..importance.shared_base import block_shapes, block_weights, max_rank, truncated_svd
 from ..io.remote_code import OutputNorm, SharedLinear
 
 __all__ = ["OutputNorm", "SharedLinear", "share_block", "shared_spec", "has_shared_blocks", "refuse_shared",
@@ -69,6 +69,9 @@ def share_block(model: nn.Module, i: int, j: int, rank: int, *, init: str = "svd
     if not 1 <= rank <= top:
         raise ShearkitError(f"Adapter rank {rank} is out of range: the smallest projection, {which}, has rank "
                             f"{top}; choose a rank from 1 to {top}.")
+    if block_shapes(m, i) != block_shapes(m, j):
+        raise ShearkitError(f"Block {i}'s projections differ in shape from block {j}'s (per-layer widths); a block "
+                            "can share only the weights of a block of its own shapes.")
     own, base = ad.layers[i], ad.layers[j]
     view = ad.block_view(i)
     outputs = {p.name[len(view.name) + 1:] for p in (view.attn.o, view.mlp.output)}
@@ -147,8 +150,8 @@ def shared_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 @contextmanager
 def train_only_shared_parts(model: nn.Module) -> Iterator[dict[str, nn.Parameter]]:
-    """Within the block, only the shared copies' adapters and output-norm scales require grad
-    (every other weight, the shared ones included, is frozen); restored afterwards."""
+    """Only the shared copies' adapters and output-norm scales require grad inside the block
+    (every other weight of the model, the shared ones included, is frozen); restored afterwards."""
     m = unwrap(model)
     trainable = shared_parameters(m)
     if not trainable:
