@@ -162,5 +162,5 @@ class FlexiGPT(BlockMethod):
         })
         if history is not None:
             plan.extra["train"] = {k: history.get(k) for k in ("steps_done", "loss_first", "loss_last", "time_s",
-                                                                "budget", "stopped")}
+                                                                "budget", "stopped", "resumed_from")}
         return plan
