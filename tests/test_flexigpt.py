@@ -282,6 +282,9 @@ def test_bad_input_is_refused(tiny_tokenizer):
         shearkit.prune(make_tiny("llama"), None, "flexigpt", calib=CALIB, init="zeros")
     with pytest.raises(ShearkitError, match="prune.train.rank does not apply"):
         shearkit.prune(make_tiny("llama"), None, "flexigpt", calib=CALIB, train={"rank": 4})
+    plan = shearkit.prune(make_tiny("llama"), None, "flexigpt", calib=CALIB, blocks=1, training=False)
+    with pytest.raises(ShearkitError, match="Load the model that run saved"):
+        shearkit.apply_plan(make_tiny("llama"), plan, check=False)
     shared = make_tiny("llama")
     share_block(shared, 1, 0, 2)
     with pytest.raises(ShearkitError, match="already a shared copy"):

@@ -106,6 +106,9 @@ class SharedLinear(nn.Module):
     def bias(self):
         return self.shared.bias
 
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, shared=True"
+
     def forward(self, x):
         y = F.linear(x, self.shared.weight, self.shared.bias)
         y = y + F.linear(F.linear(x, self.adapter_a), self.adapter_b)
