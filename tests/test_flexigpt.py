@@ -261,6 +261,22 @@ def test_command_line_end_to_end(tiny_model_dir, tmp_path, text_file):
     assert get_adapter(model).num_layers == 3 and model.config.num_hidden_layers == 3  # same depth
     i = int(next(iter(plan["replaced"])))
     assert isinstance(get_adapter(model).layers[i].self_attn.q_proj, SharedLinear)
+    from shearkit.report import write_report
+
+    md = (write_report(out) / "report.md").read_text()
+    assert f"| {i} | replaced by {plan['replaced'][str(i)]} |" in md
+
+
+def test_flops_keep_the_compute_and_add_the_adapters():
+    from shearkit.eval.flops import forward_flops_per_token
+
+    dense = make_tiny("llama")
+    model = copy.deepcopy(dense)
+    share_block(model, 1, 0, 4)
+    extra = 2 * 4 * sum(model.model.layers[1].get_submodule(p).in_features
+                        + model.model.layers[1].get_submodule(p).out_features for p in PATHS)
+    want = forward_flops_per_token(dense, 16)["total"] + extra
+    assert forward_flops_per_token(model, 16)["total"] == want
 
 
 def test_default_rank_scales_the_papers():
