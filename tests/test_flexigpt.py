@@ -344,3 +344,23 @@ def test_training_checkpoints_and_resumes_without_peft(tmp_path, text_file, tiny
     assert plan.extra["train"]["steps_done"] == 4 and plan.extra["train"]["resumed_from"] == 2
     want, got = shared_parameters(first), shared_parameters(again)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_smollm2_stores_nine_replaced_blocks_once(smollm, tmp_path):
+    """The real model at the paper's 30%: 9 of 30 blocks replaced at the default rank 32; the
+    weight file holds each tensor once (its size is the unique parameters' bytes plus a header)
+    and reloads to the same logits."""
+    dense, tok = smollm
+    model = copy.deepcopy(dense)
+    calib = torch.randint(0, 1000, (4, 64), generator=torch.Generator().manual_seed(0))
+    plan = shearkit.prune(model, tok, "flexigpt", 0.3, calib=calib, training=False)
+    assert len(plan.replaced) == 9 and plan.extra["rank"] == 32 and model.config.num_hidden_layers == 30
+    counts = get_adapter(model).param_counts()
+    assert counts["unique"] < get_adapter(dense).param_counts()["unique"]
+    out = shearkit.save(model, tok, tmp_path / "m", plan=plan)
+    size = (out / "model.safetensors").stat().st_size
+    assert 0 < size - 4 * counts["unique"] < 200_000  # float32, every tensor once; the JSON header is small
+    loaded, _ = shearkit.load(out, device="cpu", dtype="float32")
+    ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
