@@ -121,13 +121,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--matmul-size", type=int, default=2048)
+    ap.add_argument("--loss-chunk", type=int, default=None, help="recover.loss_chunk (default: the config's)")
+    ap.add_argument("--checkpointing", action="store_true", help="recompute activations in the backward pass")
     ap.add_argument("--label", default="current")
     ap.add_argument("--data-dir", default=os.environ.get("SHEARKIT_DATA"))
     ap.add_argument("--out", default="bench/results/train_throughput.json")
     a = ap.parse_args()
 
+    extra = {} if a.loss_chunk is None else {"loss_chunk": a.loss_chunk}
     cfg = RecoverConfig(data=a.data, steps=a.warmup + a.steps, batch_size=a.batch, seqlen=a.seqlen,
-                        data_dir=a.data_dir)
+                        data_dir=a.data_dir, gradient_checkpointing=a.checkpointing, **extra)
     model, tok = shearkit.load(a.model, device="cpu", dtype="float32")
     train = build_train_data(tok, a.data, seqlen=a.seqlen, data_dir=a.data_dir)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -154,7 +157,8 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     row = {
         "model": a.model, "data": a.data, "batch": a.batch, "seqlen": a.seqlen, "dtype": "float32",
-        "lora": h["lora"], "warmup_steps": a.warmup, "timed_steps": a.steps,
+        "lora": h["lora"], "loss_chunk": cfg.loss_chunk, "gradient_checkpointing": cfg.gradient_checkpointing,
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "warmup_steps": a.warmup, "timed_steps": a.steps,
         "tokens": clock.tokens, "time_s": round(clock.time_s, 3), "tokens_per_s": round(tokens_per_s, 2),
         "flops_per_step": count.flops / a.steps, "flops_per_token": round(flops_per_token),
         "matmul_gflops": round(rate / 1e9, 2), "matmul_gflops_before_after": [round(r / 1e9, 2) for r in rates],

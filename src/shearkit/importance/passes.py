@@ -25,18 +25,20 @@ def _all_sets(model: nn.Module) -> dict:
     return {(kind, i): gs for i in range(n) for kind, gs in layer_groups(model, i).items()}
 
 
-def taylor_pass(model: nn.Module, tokens: torch.Tensor, batch_size: int = 1, checkpointing: bool = False) -> Scores:
+def taylor_pass(model: nn.Module, tokens: torch.Tensor, batch_size: int = 1, checkpointing: bool = False,
+                loss_chunk: int = 0) -> Scores:
     """LLM-Pruner's element-wise Taylor score of every KV group and MLP channel (`checkpointing`:
-    recompute activations in the backward pass)."""
+    recompute activations in the backward pass; `loss_chunk`: output head on that many tokens at a time)."""
     from .scores import taylor
     from .stats import collect_stats
 
-    stats = collect_stats(model, tokens, grads=True, batch_size=batch_size, checkpointing=checkpointing)
+    stats = collect_stats(model, tokens, grads=True, batch_size=batch_size, checkpointing=checkpointing,
+                          loss_chunk=loss_chunk)
     return {k: taylor(model, gs, stats) for k, gs in _all_sets(model).items()}
 
 
 def lora_pass(model: nn.Module, tokens: torch.Tensor, batch_size: int = 1, checkpointing: bool = False,
-              rank: int = 8, alpha: float = 16.0) -> Scores:
+              rank: int = 8, alpha: float = 16.0, loss_chunk: int = 0) -> Scores:
     """LoRAPrune's score of every KV group and MLP channel, from fresh LoRA factors' gradients.
 
     The factors are attached with peft (B starts at zero, so the first gradients reach B only),
@@ -45,6 +47,7 @@ def lora_pass(model: nn.Module, tokens: torch.Tensor, batch_size: int = 1, check
 
     from peft import get_peft_model
 
+    from ..arch.lm_head import causal_lm_loss
     from ..arch.modules import recompute_activations
     from ..recovery.lora import lora_config
     from .lora_grad import lora_group_scores
@@ -56,7 +59,7 @@ def lora_pass(model: nn.Module, tokens: torch.Tensor, batch_size: int = 1, check
     with recompute_activations(model) if checkpointing else nullcontext():
         for i in range(0, tokens.shape[0], batch_size):
             ids = tokens[i:i + batch_size].to(device)
-            peft_model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            causal_lm_loss(peft_model, ids, loss_chunk).backward()
     scores = lora_group_scores(peft_model, _all_sets(peft_model))
     peft_model.unload()
     model.train(was_training)

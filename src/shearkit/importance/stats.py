@@ -45,7 +45,8 @@ def block_linears(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True, act_norms: bool = False,
-                  batch_size: int = 1, desc: str | None = None, checkpointing: bool = False) -> Stats:
+                  batch_size: int = 1, desc: str | None = None, checkpointing: bool = False,
+                  loss_chunk: int = 0) -> Stats:
     """Run the calibration tokens through `model` once and gather the statistics asked for.
 
     Args:
@@ -56,9 +57,12 @@ def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True,
         desc: show a progress bar with that label.
         checkpointing: recompute activations in the backward pass (less memory, same statistics;
             `arch.modules.recompute_activations`).
+        loss_chunk: > 0: the output head and loss run on that many tokens at a time
+            (`arch.lm_head`: no full-vocabulary logits; same loss).
     """
     from contextlib import nullcontext
 
+    from ..arch.lm_head import causal_lm_loss
     from ..arch.modules import recompute_activations
     from ..progress import progress
 
@@ -97,10 +101,10 @@ def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True,
             starts = range(0, tokens.shape[0], batch_size)
             for i in progress(starts, desc, unit="batch"):
                 ids = tokens[i:i + batch_size].to(device)
-                out = model(input_ids=ids, labels=ids, use_cache=False)
+                loss = causal_lm_loss(model, ids, loss_chunk)
                 if grads:
-                    out.loss.backward()
-                total_loss += float(out.loss.detach())
+                    loss.backward()
+                total_loss += float(loss.detach())
                 n_batches += 1
                 stats.n_tokens += ids.numel()
         if grads:

@@ -60,6 +60,7 @@ class RecoverConfig:
     divergence: float = 3.0  # stop when loss > divergence x best smoothed loss (0 disables)
     divergence_patience: int = 2  # ... for this many consecutive steps
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    loss_chunk: int = 0  # > 0: output head + loss on this many tokens at a time (no full-vocabulary logits)
     seed: int = 0
     merge: bool = True  # merge adapters into the weights on return (merge_and_unload)
     save_adapter: bool = False  # also write the adapters (peft format) to <out>/recovery/adapter
@@ -78,6 +79,8 @@ class RecoverConfig:
                 raise ShearkitError(f"recover.{name} must be at least 1, got {v}.")
         if self.seqlen < 2:
             raise ShearkitError(f"recover.seqlen must be at least 2, got {self.seqlen}.")
+        if self.loss_chunk < 0:
+            raise ShearkitError(f"recover.loss_chunk must be 0 (off) or a number of tokens, got {self.loss_chunk}.")
         if not self.lr > 0:
             raise ShearkitError(f"recover.lr must be positive, got {self.lr}.")
         if self.alpha <= 0:

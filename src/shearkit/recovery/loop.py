@@ -26,6 +26,7 @@ from typing import Any, Union
 import torch
 import torch.nn.functional as F
 
+from ..arch.lm_head import chunked_ce, label_hidden, split_head
 from ..arch.modules import set_activation_checkpointing, unwrap
 from ..errors import ShearkitError
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
@@ -140,13 +141,19 @@ def _label_logits(model, batch: dict, keep: torch.Tensor, select: bool) -> torch
 
 
 def _step_loss(model, batch: dict, n_label: int, teacher, cfg: RecoverConfig,
-               select: tuple[bool, bool] = (False, False)) -> tuple[torch.Tensor, torch.Tensor]:
+               select: tuple[bool, bool] = (False, False), chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to backpropagate, summed CE) of one micro-batch; normalised by the step's label tokens.
-    `select`: (student, teacher) compute logits only where a label is (`selects_logits`)."""
+    `select`: (student, teacher) compute logits only where a label is (`selects_logits`);
+    `chunk` > 0 (no teacher): the output head runs that many label tokens at a time (`arch.lm_head`)."""
     labels = batch["labels"]
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts token t + 1
     targets = labels[:, 1:][keep[:, :-1]]
+    parts = split_head(model) if chunk > 0 and teacher is None else None
+    if parts is not None:
+        ce = chunked_ce(parts[1], label_hidden(parts[0], batch["input_ids"], keep, batch["attention_mask"]),
+                        targets, chunk)
+        return ce / max(n_label, 1), ce.detach()
     student = _label_logits(model, batch, keep, select[0])
     ce = F.cross_entropy(student, targets, reduction="sum")
     loss = ce
@@ -218,6 +225,8 @@ class Trainer:
             self.teacher.to(self.acc.device).eval()
         # logits of labelled positions only: the full (batch, seq, vocab) tensor is never formed
         self._select = (selects_logits(model), self.teacher is not None and selects_logits(self.teacher))
+        # the chunked head calls the base model directly, past any DDP wrapper: one process only
+        self._chunk = config.loss_chunk if self.wrapped is model else 0
         self.sampler: Sampler = sampler if sampler is not None else StepSampler(
             len(train), config.batch_size, config.grad_accum, self.acc.num_processes, config.seed)
         self.guard = DivergenceGuard(config.divergence, config.divergence_patience)
@@ -259,7 +268,7 @@ class Trainer:
             tokens += int(cpu["attention_mask"].sum())  # counted on the host: no device sync
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in cpu.items()}
             with acc.accumulate(self.wrapped):
-                loss, ce = _step_loss(self.wrapped, batch, n_label, self.teacher, cfg, self._select)
+                loss, ce = _step_loss(self.wrapped, batch, n_label, self.teacher, cfg, self._select, self._chunk)
                 # accelerate divides by grad_accum and DDP averages over processes; undo both,
                 # since the loss is already this process's share of the step's mean
                 acc.backward(loss * cfg.grad_accum * acc.num_processes)
