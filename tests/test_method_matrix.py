@@ -77,6 +77,18 @@ def _check_target(kind: str, plan, dense, model) -> None:
     before, after = base_block_params(dense), base_block_params(model)
     removed = 1 - after / before
     assert plan.ratio_achieved == pytest.approx(removed, abs=1e-12)  # reported = counted from the shapes
+    if kind == "blocks" and plan.replaced:  # replaced by shared copies: same depth, fewer stored parameters
+        from shearkit.surgery.shared_block import shared_parameters
+
+        n = get_adapter(dense).num_layers
+        assert len(plan.replaced) == int(target * n + 0.5) and not plan.blocks
+        assert get_adapter(model).num_layers == model.config.num_hidden_layers == n
+        sizes = [sum(p.numel() for p in get_adapter(dense).layers[i].parameters()) for i in range(n)]
+        norms = sum(p.numel() for i in map(int, plan.replaced) for nm in get_adapter(dense).block_view(i).norms
+                    for p in nm.parameters())  # a replaced block keeps its own input norms
+        own = sum(p.numel() for p in shared_parameters(model).values())  # adapters and output norms
+        assert after == before - sum(sizes[int(i)] for i in plan.replaced) + own + norms
+        return
     if kind == "blocks":  # whole blocks: round(target x blocks) of them, the rest untouched
         n = get_adapter(dense).num_layers
         k = int(target * n + 0.5)

@@ -50,9 +50,12 @@ def prune(model, tokenizer, method: str | PruneConfig, ratio: float | None = Non
     Raises:
         ShearkitError: the method does not support the model's family (the message lists those it does).
     """
+    from .surgery.shared_block import refuse_shared
+
     cfg = resolve_config(method, ratio, **options)
     cls = get_method(cfg.method)
     check_family(cfg.method, model)  # before any calibration data is read
+    refuse_shared(model, "pruning it again")
     if resume and run_dir is None:
         raise ShearkitError("resume=True needs run_dir, the folder that holds the method's checkpoints.")
     impl = cls(cfg)

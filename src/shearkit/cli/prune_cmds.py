@@ -24,8 +24,8 @@ def prune_cmd(
                                           "parameters removed. Unstructured: sparsity of their linear weights. Block methods: "
                                           "fraction of the blocks removed."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Alias of --ratio for unstructured methods."),
-    blocks: Optional[int] = typer.Option(None, "--blocks", help="Block methods (shortgpt): number of blocks removed "
-                                         "(instead of --ratio, which takes round(ratio x blocks))."),
+    blocks: Optional[int] = typer.Option(None, "--blocks", help="Block methods (shortgpt, flexigpt): number of blocks "
+                                         "removed or replaced (instead of --ratio, which takes round(ratio x blocks))."),
     nm: Optional[str] = typer.Option(None, "--nm", help="N:M pattern for unstructured methods, e.g. 2:4."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data set or file (default c4)."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration windows (default 64)."),

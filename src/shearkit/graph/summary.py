@@ -53,6 +53,7 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
             "ratio_achieved": plan.ratio_achieved, "params_removed": sum(plan.extra.get("params_removed") or []),
             "heads_removed": heads, "mlp_channels_removed": chans, "blocks_removed": list(plan.blocks),
             "hidden_channels_removed": len(plan.hidden_channels),
-            "export": {"vanilla": "vanilla transformers", "per-layer": "per-layer widths (shearkit / trust_remote_code)"}
+            "export": {"vanilla": "vanilla transformers", "per-layer": "per-layer widths (shearkit / trust_remote_code)",
+                       "shared-blocks": "weight-shared blocks (shearkit / trust_remote_code)"}
             .get(plan.extra.get("export"), "unknown"),
             "base": plan.base.get("name"), "fingerprint": plan.base.get("fingerprint")}

@@ -1,7 +1,9 @@
-"""Models whose layers have different widths (per-layer head counts / MLP widths).
+"""Models vanilla transformers cannot build from their config: per-layer widths, shared blocks.
 
-Vanilla transformers configs hold one width for all layers; shearkit records per-layer sizes
-in `config.json` under `shearkit_layer_shapes` and rebuilds the model from them.
+Vanilla transformers configs hold one width for all layers and one set of weights per block;
+shearkit records per-layer sizes in `config.json` under `shearkit_layer_shapes` and weight-shared
+blocks (FlexiGPT) under `shearkit_shared_blocks`, and rebuilds the model from them with the
+modeling file saved beside it (`io/remote_code.py`).
 """
 from __future__ import annotations
 
@@ -9,16 +11,23 @@ import json
 from pathlib import Path
 
 LAYER_SHAPES_KEY = "shearkit_layer_shapes"
+SHARED_BLOCKS_KEY = "shearkit_shared_blocks"
+REMOTE_KEYS = (LAYER_SHAPES_KEY, SHARED_BLOCKS_KEY)  # config keys that need the modeling file
+
+
+def needs_modeling_file(config: dict) -> bool:
+    """True when a config (as a dict) records a feature only shearkit's modeling file builds."""
+    return any(config.get(k) for k in REMOTE_KEYS)
 
 
 def is_shearkit_model(path: str | Path) -> bool:
-    """True when a model directory's config records per-layer sizes."""
+    """True when a model directory's config records per-layer sizes or shared blocks."""
     cfg = Path(path) / "config.json"
-    return cfg.exists() and LAYER_SHAPES_KEY in json.loads(cfg.read_text())
+    return cfg.exists() and needs_modeling_file(json.loads(cfg.read_text()))
 
 
 def load_shearkit_model(path: str | Path, torch_dtype=None):
-    """Load a model saved with per-layer widths (`shearkit_layer_shapes` in its config).
+    """Load a model saved with per-layer widths or shared blocks (see the module doc).
 
     Uses the same class that the `modeling_shearkit.py` written beside the model defines, so this
     and `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` give identical models.

@@ -2,9 +2,10 @@
 
 Uniform widths give a plain `config.json` that vanilla `AutoModelForCausalLM.from_pretrained`
 loads (and so vLLM and llama.cpp's converter, which read the same keys). Per-layer widths add
-`shearkit_layer_shapes` to the config and write `modeling_shearkit.py` beside the weights, with
-`auto_map` pointing at it: `shearkit.load(path)` and `from_pretrained(path,
-trust_remote_code=True)` then both load it, identically. Weights are safetensors only. Beside
+`shearkit_layer_shapes` to the config, weight-shared blocks (FlexiGPT) `shearkit_shared_blocks`
+(a shared weight is stored once, under the block that owns it), and either writes
+`modeling_shearkit.py` beside the weights, with `auto_map` pointing at it: `shearkit.load(path)`
+and `from_pretrained(path, trust_remote_code=True)` then both load it, identically. Weights are safetensors only. Beside
 them: the tokenizer, the generation config, `plan.json` (an unstructured plan's masks in
 `sparsity/masks.safetensors`), `shearkit.json` (provenance), `metrics.json` when given and a
 short `README.md` model card. Everything is written into a
@@ -25,7 +26,7 @@ from ..errors import ShearkitError
 from ..arch.modules import unwrap
 from ..plan import Plan, fingerprint
 from .atomic import atomic_dir, write_json, write_text
-from .modeling import LAYER_SHAPES_KEY
+from .modeling import LAYER_SHAPES_KEY, SHARED_BLOCKS_KEY, needs_modeling_file
 
 REMOTE_FILE = "modeling_shearkit.py"
 
@@ -69,14 +70,17 @@ def save(model, tokenizer, path: str | os.PathLike, plan: Plan | None = None, me
         cfg = json.loads(cfg_path.read_text())
         cfg["architectures"] = [base_name]
         cfg.pop("auto_map", None)
-        if export == "per-layer":
+        if export != "per-layer":
+            cfg.pop(LAYER_SHAPES_KEY, None)
+        if needs_modeling_file(cfg):  # per-layer widths and/or shared blocks
             from .remote_code import source_for
 
             cfg["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_FILE[:-3]}.ShearkitForCausalLM"}
             write_text(tmp / REMOTE_FILE, source_for(base_name))
         else:
-            cfg.pop(LAYER_SHAPES_KEY, None)
             (tmp / REMOTE_FILE).unlink(missing_ok=True)
+        if SHARED_BLOCKS_KEY in cfg:
+            export = "shared-blocks" if export == "vanilla" else f"{export}+shared-blocks"
         write_json(cfg_path, cfg)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -138,7 +142,8 @@ def model_card(prov: dict[str, Any], plan: Plan | None, metrics: dict | None) ->
                      f"(exact zeros{where})")
     p = prov["params"]
     lines.append(f"- Parameters: {p['unique']:,} total, {p['blocks']:,} in decoder blocks")
-    lines.append(f"- Export: {prov['export']} widths; loads with {prov['loads_with']}")
+    widths = " widths" if prov["export"] in ("vanilla", "per-layer") else ""
+    lines.append(f"- Export: {prov['export']}{widths}; loads with {prov['loads_with']}")
     columns, rows = measured_table(metrics or {})
     if rows:
         lines += ["", "## Measured", ""]

@@ -9,7 +9,7 @@ Writing a method:
   `PruneMethod`, `MethodContext`), `structured.py` (`StructuredMethod`: implement
   `score(model, ctx, layers)`; dense layers, allocation and planning are shared) and
   `blockwise.py` (`BlockwiseSparsifier`: implement `prune_layer` or `prune_block`) and `blocks.py`
-  (`BlockMethod`: whole blocks scored and the lowest removed).
+  (`BlockMethod`: whole blocks scored and the lowest removed or replaced).
 - add one line to `_MODULES` below: module, kind, description and the model families (`arch`
   adapter families) it supports. `shearkit list` and recipes read it without importing torch,
   the class gets its `kind` from it (declare it nowhere else), and `shearkit.prune` refuses the
@@ -44,6 +44,7 @@ _MODULES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
     "llm-pruner": ("shearkit.methods.llm_pruner", "structured", "LLM-Pruner: structured pruning by first-order Taylor importance (calibration gradients).", ALL_FAMILIES),
     "loraprune": ("shearkit.methods.loraprune", "structured", "LoRAPrune: structured pruning during LoRA training, importance from the LoRA gradients.", ALL_FAMILIES),
     "shortgpt": ("shearkit.methods.shortgpt", "blocks", "ShortGPT: remove the decoder blocks with the lowest Block Influence (1 - cos(input, output)).", ALL_FAMILIES),
+    "flexigpt": ("shearkit.methods.flexigpt", "blocks", "FlexiGPT: replace the lowest-BI blocks by weight-shared copies of kept blocks with low-rank adapters and output norms, then train those.", ("llama",)),
     "magnitude": ("shearkit.methods.magnitude", "unstructured", "Magnitude: per-layer |W| threshold, unstructured or N:M", ALL_FAMILIES),
     "wanda": ("shearkit.methods.wanda", "unstructured", "Wanda: |W|*||X|| per output row, unstructured or N:M", ALL_FAMILIES),
     "sparsegpt": ("shearkit.methods.sparsegpt", "unstructured", "SparseGPT: Hessian-based pruning with OBS weight updates", ALL_FAMILIES),

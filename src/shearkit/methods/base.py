@@ -65,7 +65,8 @@ class MethodContext:
                 name: str = "train", desc: str | None = None) -> Trainer:
         """A `Trainer` over the training data `config` (a RecoverConfig) names, writing to `work_dir(name)`.
 
-        The caller runs it with `fit(resume=ctx.resume)`; `model` is a peft model with its adapters.
+        The caller runs it with `fit(resume=ctx.resume)`; `model` is a peft model with its adapters, or a
+        plain model whose trainable parameters alone require grad (FlexiGPT's shared-block adapters).
         """
         from ..recovery.data import build_train_data
         from ..recovery.loop import Trainer

@@ -68,7 +68,7 @@ def load(
 def _load_dir(path: Path, torch_dtype, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..io.modeling import LAYER_SHAPES_KEY, load_shearkit_model
+    from ..io.modeling import load_shearkit_model, needs_modeling_file
     from ..io.sparse_export import is_compressed, load_compressed_model
     from ..io.weights import check_weight_files, read_config
 
@@ -79,7 +79,7 @@ def _load_dir(path: Path, torch_dtype, trust_remote_code: bool):
                             "pickled .bin files). Convert the checkpoint to safetensors first.")
     if is_compressed(config):  # written with --save-format compressed-tensors: decompress
         model = load_compressed_model(path, torch_dtype)
-    elif LAYER_SHAPES_KEY in config and not trust_remote_code:
+    elif needs_modeling_file(config) and not trust_remote_code:
         model = load_shearkit_model(path, torch_dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,

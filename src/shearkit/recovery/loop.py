@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..arch.lm_head import chunked_ce, label_hidden, split_head
-from ..arch.modules import set_activation_checkpointing
+from ..arch.modules import set_activation_checkpointing, unwrap
 from ..errors import ShearkitError
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .config import RecoverConfig
@@ -79,6 +79,13 @@ class Callback:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned (called on resume, before `on_train_begin`)."""
+
+
+def _is_peft(model) -> bool:
+    """True for a peft wrapper (the Trainer also trains a plain model's unfrozen parameters)."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
 
 
 def check_teacher(model, teacher, cfg: RecoverConfig):
@@ -185,7 +192,8 @@ class Trainer:
                  callbacks: Sequence[Callback] = (), optimizer: Union[str, OptimizerFactory] = "adamw",
                  sampler: Sampler | None = None, root: Path | None = None, teacher=None,
                  data_dir=None, desc: str = "train", resume_keys: Sequence[str] = RESUME_KEYS):
-        """`model`: a peft model with its adapters attached (trainable = parameters with requires_grad);
+        """`model`: a peft model with its adapters attached, or a plain model with some parameters
+        unfrozen (trainable = parameters with requires_grad);
         `root`: folder for train_log.jsonl, loss.png and checkpoint-<step>/ (None: nothing written)."""
         from accelerate import Accelerator
         from transformers import get_scheduler
@@ -286,10 +294,11 @@ class Trainer:
         return res
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        """The adapters (peft's names) and any other trainable parameter (e.g. norms a method unfroze)."""
+        """The adapters (peft's names) and any other trainable parameter (e.g. norms a method unfroze,
+        or the adapters of a model without peft, such as FlexiGPT's shared blocks)."""
         from peft import get_peft_model_state_dict
 
-        state = get_peft_model_state_dict(self.model)
+        state = get_peft_model_state_dict(self.model) if _is_peft(self.model) else {}
         state.update({_OTHER + n: p for n, p in self.named_params.items() if "lora_" not in n})
         return state
 
@@ -297,7 +306,9 @@ class Trainer:
         from peft import set_peft_model_state_dict
 
         device = self.acc.device
-        set_peft_model_state_dict(self.model, {k: v.to(device) for k, v in state.items() if not k.startswith(_OTHER)})
+        if _is_peft(self.model):
+            set_peft_model_state_dict(self.model, {k: v.to(device) for k, v in state.items()
+                                                   if not k.startswith(_OTHER)})
         with torch.no_grad():
             for k, v in state.items():
                 if k.startswith(_OTHER):
@@ -381,7 +392,7 @@ class Trainer:
         good = {n: p.detach().clone() for n, p in self.named_params.items()}
         good_step = start
         if cfg.gradient_checkpointing:
-            set_activation_checkpointing(self.model.get_base_model(), True)
+            set_activation_checkpointing(unwrap(self.model), True)
         try:
             t0 = time.perf_counter()
             self.model.train()
@@ -446,7 +457,7 @@ class Trainer:
                 self.evaluate("restored")
         finally:
             if cfg.gradient_checkpointing:
-                set_activation_checkpointing(self.model.get_base_model(), False)
+                set_activation_checkpointing(unwrap(self.model), False)
         self.model.eval()
         history.update(self._summary(start, elapsed))
         if log is not None:

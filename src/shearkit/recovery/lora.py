@@ -50,6 +50,9 @@ def lora_config(model: nn.Module, rank: int, alpha: float, dropout: float, targe
     """
     from peft import LoraConfig, TaskType
 
+    from ..surgery.shared_block import refuse_shared
+
+    refuse_shared(model, "LoRA recovery (its merge)")
     targets = list(targets) if targets else default_targets(model)
     mods = matched_modules(model, targets)
     kinds = {is_conv1d(m) for m in mods.values()}

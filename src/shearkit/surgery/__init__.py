@@ -37,8 +37,8 @@ def apply_structured(model: nn.Module, plan: Plan) -> nn.Module:
     m = unwrap(model)
     ad = get_adapter(m)
     if plan.replaced:
-        raise ShearkitError(f"Plan replaces blocks ({plan.replaced}) by shared copies; this shearkit removes "
-                            "blocks but cannot build shared replacements yet.")
+        raise ShearkitError(f"Plan replaces blocks ({plan.replaced}) by shared copies whose adapters were trained "
+                            "in its run; a plan does not hold them. Load the model that run saved instead.")
     check_lora_shapes(m)
     rem = removal_map(m, plan)  # validates before anything changes
     tied = ad.tied_embeddings

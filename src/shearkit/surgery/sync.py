@@ -6,7 +6,8 @@ are reset from the weights. The config then either describes the model with its 
 (every layer the same width, and a model built from that config has exactly these shapes: a
 plain `config.json` vanilla transformers loads), or keeps the keys it was built with and adds
 `shearkit_layer_shapes`, the per-layer sizes a shearkit-aware loader (or the modeling file
-written beside a saved model) applies after building the model.
+written beside a saved model) applies after building the model. Weight-shared blocks (FlexiGPT)
+are recorded beside either, under `shearkit_shared_blocks` (`surgery.shared_block.shared_spec`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from ..arch.modules import is_conv1d, module_shape, unwrap
-from ..io.modeling import LAYER_SHAPES_KEY
+from ..io.modeling import LAYER_SHAPES_KEY, SHARED_BLOCKS_KEY
 
 # Cached integers that transformers' blocks read in forward; reset from the weights.
 _ATTRS = ("num_heads", "num_key_value_heads", "num_key_value_groups", "split_size", "intermediate_size")
@@ -79,11 +80,18 @@ def _base_class(model: nn.Module) -> type:
 
 
 def _state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes by name as a plain model of the class would have them: LoRA factors left out,
+    and a shared block's `SharedLinear` counted as the layer it computes with (its weight, bias)."""
+    from ..io.remote_code import SharedLinear
+
+    shared = {n: mod for n, mod in model.named_modules() if isinstance(mod, SharedLinear)}
     out = {}
     for k, v in model.state_dict().items():
-        if "lora_" in k:
+        if "lora_" in k or k.rpartition(".")[0].removesuffix(".out_norm") in shared:
             continue
         out[k.replace(".base_layer", "")] = tuple(v.shape)
+    for n, mod in shared.items():
+        out.update({f"{n}.{k}": tuple(p.shape) for k, p in mod.shared.named_parameters(recurse=False)})
     return out
 
 
@@ -104,10 +112,17 @@ def sync_config(model: nn.Module) -> str:
     """Make `model.config` describe the model; returns "vanilla" or "per-layer" (see module doc)."""
     from ..arch import get_adapter
 
+    from .shared_block import shared_spec
+
     m = unwrap(model)
     ad = get_adapter(m)
     cfg = m.config
     cfg.num_hidden_layers = ad.num_layers
+    spec = shared_spec(m)  # shared blocks are recorded whatever the widths (io/remote_code.py rebuilds both)
+    if spec is not None:
+        setattr(cfg, SHARED_BLOCKS_KEY, spec)
+    elif hasattr(cfg, SHARED_BLOCKS_KEY):
+        delattr(cfg, SHARED_BLOCKS_KEY)
     views = ad.blocks()
     geo = {(b.attn.num_heads, b.attn.num_kv_heads, b.mlp.width) for b in views}
     if ad.family == "llama":
