@@ -263,10 +263,12 @@ def training_zeroshot(results: Path) -> list[str]:
 def importance_memory(results: Path) -> list[str]:
     """Peak memory of importance estimation: LoRA gradients against weight gradients."""
     d = _load("importance_memory.json", results)
-    out = ["| estimator | activations | peak anonymous RSS above the loaded model | peak RSS above it | wall s |",
-           "|---|---|---:|---:|---:|"]
-    for name, r in d["rows"].items():
-        out.append(f"| {name.split('+')[0]} | {'recomputed (checkpointing)' if r['checkpointing'] else 'kept'} | "
+    out = ["| estimator | setting | malloc | peak anonymous RSS above the loaded model | peak RSS above it | wall s |",
+           "|---|---|---|---:|---:|---:|"]
+    for r in d["rows"].values():
+        setting = ("activations and full logits kept" if r["setting"] == "as published" else
+                   f"checkpointing, head on {r['loss_chunk']} tokens at a time")
+        out.append(f"| {r['method']} | {r['setting']}: {setting} | {r['allocator']} | "
                    f"{_mib(r['anon_peak_above_loaded_bytes'])} | {_mib(r['rss_peak_above_loaded_bytes'])} | "
                    f"{r['wall_s']:.0f} |")
     c = d["calib"]
@@ -281,12 +283,15 @@ def importance_memory(results: Path) -> list[str]:
 def train_throughput(results: Path) -> list[str]:
     """LoRA training throughput and its ratio to the machine's measured matmul rate."""
     d = _load("train_throughput.json", results)
-    out = ["| label | commit | tokens/s | FLOPs per step | matmul GFLOP/s | limit tokens/s | ratio | load average |",
-           "|---|---|---:|---:|---:|---:|---:|---|"]
+    out = ["| label | commit | threads | loss chunk | malloc mmap threshold | tokens/s | FLOPs per step | "
+           "matmul GFLOP/s | limit tokens/s | ratio | load average |",
+           "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|"]
     for label, r in d["runs"].items():
-        out.append(f"| {label} | `{r['commit']}` | {r['tokens_per_s']:.2f} | {r['flops_per_step']:.3g} | "
-                   f"{r['matmul_gflops']:.1f} | {r['limit_tokens_per_s']:.1f} | {r['ratio']:.3f} | "
-                   f"{', '.join(f'{x:.1f}' for x in r['load_average'])} |")
+        threads = r["machine"].rsplit(", ", 1)[-1].split()[0]
+        out.append(f"| {label} | `{r['commit']}` | {threads} | {r.get('loss_chunk') or 'off'} | "
+                   f"{r.get('malloc_mmap_threshold') or 'glibc default'} | {r['tokens_per_s']:.2f} | "
+                   f"{r['flops_per_step']:.3g} | {r['matmul_gflops']:.1f} | {r['limit_tokens_per_s']:.1f} | "
+                   f"{r['ratio']:.3f} | {', '.join(f'{x:.1f}' for x in r['load_average'])} |")
     return out
 
 
