@@ -3,6 +3,8 @@
     SHEARKIT_DATA=../shared/data python bench/bench_training.py              # every cell not yet done
     SHEARKIT_DATA=../shared/data python bench/bench_training.py --cells loraprune-r0.2
     SHEARKIT_DATA=../shared/data python bench/bench_training.py --zeroshot   # final rows' zero-shot scores
+    SHEARKIT_DATA=../shared/data python bench/bench_training.py --suite blocks         # block methods
+    SHEARKIT_DATA=../shared/data python bench/bench_training.py --suite blocks --speed # their speed and size
     python bench/tables.py                                                    # tables in docs/benchmarks.md
 
 Protocol (recorded with every row): SmolLM2-135M, B = 131,072 training tokens = 128 optimizer steps x
@@ -13,6 +15,13 @@ LLM-Pruner takes its gradients on 16 calibration windows of 512 tokens of C4 (no
 recovers with LoRA for the whole budget; LoRAPrune prunes while it trains on the same budget.
 Primary figure: perplexity on WikiText-2 and PTB (seqlen 512, first 40 windows); zero-shot (piqa,
 hellaswag, arc_easy, winogrande, first 500 examples, with standard errors) only for the final rows.
+
+Suite `blocks` (FlexiGPT's comparison): the same budget, batch and seed on pretraining text (`c4`,
+as the paper trains on SlimPajama): ShortGPT (no training), ShortGPT + LoRA, FlexiGPT (adapters and
+output-norm scales, lr 1e-3), and LLM-Pruner + LoRA at FlexiGPT's stored-parameter count (its ratio is
+the FlexiGPT cell's achieved one, so that cell runs first), at 9 and 12 of 30 blocks (30% and 40%);
+FlexiGPT's ablation at 9 blocks. `--speed` measures every kept model's size and prefill / decode
+tokens/s against the dense model, each in its own child process, repeats interleaved.
 
 Each cell is one `shearkit run` in its own process (one torch thread), keeps its run directory under
 bench/out/training/<cell>/ (git-ignored), and merges its row into bench/results/training.jsonl as
@@ -40,7 +49,11 @@ ZEROSHOT = {"tasks": ["piqa", "hellaswag", "arc_easy", "winogrande"], "limit": 5
 PROTOCOL = {"model": "smollm2-135m", "budget_tokens": STEPS * BATCH * SEQLEN, "train": TRAIN, "eval": EVAL,
             "lora": {"rank": 8, "alpha": 16, "dropout": 0.05}}
 
-# cell -> (method, ratio, prune options, final row?)
+TRAIN_C4 = {**TRAIN, "data": "c4"}
+BLOCK_PROTOCOL = {**PROTOCOL, "train": TRAIN_C4}
+BLOCK_CALIB = {"dataset": "c4", "samples": 64, "seqlen": 512, "seed": 0}
+
+# cell -> (method, ratio, prune options, final row?); block cells: ratio = blocks replaced / removed
 CELLS: dict[str, tuple[str, float, dict, bool]] = {
     "dense": ("dense", 0.0, {}, True),
     "llm-pruner-r0.2": ("llm-pruner", 0.2, {}, True),
@@ -50,10 +63,59 @@ CELLS: dict[str, tuple[str, float, dict, bool]] = {
     "loraprune-r0.2-noema": ("loraprune", 0.2, {"ema": 0.0}, False),
     "loraprune-r0.2-uniform": ("loraprune", 0.2, {"allocation": "uniform"}, False),
 }
+BLOCK_CELLS: dict[str, tuple[str, float, dict, bool]] = {
+    "shortgpt-b9": ("shortgpt", 9, {}, False),
+    "shortgpt-lora-b9": ("shortgpt+lora", 9, {}, True),
+    "flexigpt-b9": ("flexigpt", 9, {}, True),
+    "llm-pruner-at-flexigpt-b9": ("llm-pruner", 9, {}, True),
+    "shortgpt-b12": ("shortgpt", 12, {}, False),
+    "shortgpt-lora-b12": ("shortgpt+lora", 12, {}, True),
+    "flexigpt-b12": ("flexigpt", 12, {}, True),
+    "llm-pruner-at-flexigpt-b12": ("llm-pruner", 12, {}, True),
+    "flexigpt-b9-plain-select": ("flexigpt", 9, {"select": "plain"}, False),
+    "flexigpt-b9-no-norm": ("flexigpt", 9, {"output_norm": False}, False),
+    "flexigpt-b9-lora-init": ("flexigpt", 9, {"init": "lora"}, False),
+}
+SUITES = {"width": CELLS, "blocks": BLOCK_CELLS}
+
+
+def suite_of(cell: str) -> str:
+    return "blocks" if cell in BLOCK_CELLS else "width"
+
+
+def spec(cell: str) -> tuple[str, float, dict, bool]:
+    return SUITES[suite_of(cell)][cell]
+
+
+def protocol(cell: str) -> dict:
+    return BLOCK_PROTOCOL if suite_of(cell) == "blocks" else PROTOCOL
+
+
+def block_recipe(cell: str) -> dict:
+    """A block-suite cell's recipe (FlexiGPT's comparison on pretraining text)."""
+    method, blocks, opts, _ = BLOCK_CELLS[cell]
+    r: dict = {"model": {"name": PROTOCOL["model"], "device": "cpu", "dtype": "float32"}, "eval": EVAL,
+               "eval_dense": False, "calib": dict(BLOCK_CALIB)}
+    if method.startswith("shortgpt"):
+        r["prune"] = {"method": "shortgpt", "blocks": blocks, **opts}
+        if method == "shortgpt+lora":
+            r["recover"] = dict(TRAIN_C4)
+    elif method == "flexigpt":
+        r["prune"] = {"method": "flexigpt", "blocks": blocks, "train": {**TRAIN_C4, "lr": 1.0e-3}, **opts}
+    else:  # llm-pruner at FlexiGPT's stored-parameter count
+        flexi = RESULTS.load().get(f"flexigpt-b{blocks}")
+        if not flexi or flexi.get("status") != "ok":
+            raise SystemExit(f"{cell} takes its ratio from flexigpt-b{blocks}: run that cell first.")
+        r["calib"] = {"dataset": "c4", "samples": 16, "seqlen": 512, "seed": 0}
+        r["prune"] = {"method": "llm-pruner", "ratio": round(flexi["ratio_achieved"], 4), **opts}
+        r["recover"] = dict(TRAIN_C4)
+    return r
 
 
 def recipe(cell: str) -> dict:
     """The run's recipe: the protocol above, one method."""
+    if suite_of(cell) == "blocks":
+        return block_recipe(cell)
     method, ratio, opts, _ = CELLS[cell]
     r: dict = {"model": {"name": PROTOCOL["model"], "device": "cpu", "dtype": "float32"}, "eval": EVAL,
                "eval_dense": False}
@@ -72,9 +134,12 @@ def run_cell(cell: str, budget_s: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rec = out / "recipe.yaml"
     rec.write_text(yaml.safe_dump(recipe(cell), sort_keys=False))
-    method, ratio, opts, final = CELLS[cell]
-    row = {"key": cell, "method": method, "ratio": ratio, "options": opts, "final": final, "protocol": PROTOCOL,
-           "machine": machine(), "threads": 1, "date": today()}
+    method, ratio, opts, final = spec(cell)
+    row = {"key": cell, "method": method, "ratio": ratio, "options": opts, "final": final, "suite": suite_of(cell),
+           "protocol": protocol(cell), "machine": machine(), "threads": 1, "date": today()}
+    if suite_of(cell) == "blocks":
+        row["blocks"] = int(ratio)  # ShortGPT / FlexiGPT: K of the model's 30 blocks (the paper's "30%" = 9)
+        row["ratio"] = recipe(cell)["prune"].get("ratio", round(ratio / 30, 4))
     t0 = time.perf_counter()
     if method == "dense":
         cmd = ["eval", PROTOCOL["model"], "--tasks", ",".join(EVAL["tasks"]), "--seqlen", str(EVAL["seqlen"]),
@@ -110,7 +175,7 @@ def read_run(run: Path, row: dict) -> dict:
 
 
 def model_dir(cell: str) -> str:
-    return PROTOCOL["model"] if CELLS[cell][0] == "dense" else str(WORK / cell / "run" / "model")
+    return PROTOCOL["model"] if spec(cell)[0] == "dense" else str(WORK / cell / "run" / "model")
 
 
 def zeroshot_cell(row: dict, budget_s: int) -> dict:
@@ -128,25 +193,49 @@ def zeroshot_cell(row: dict, budget_s: int) -> dict:
     return {**row, "zeroshot": zs, "zeroshot_protocol": ZEROSHOT, "zeroshot_s": time.perf_counter() - t0}
 
 
+def speed_cell(row: dict, repeats: int) -> dict:
+    """Size and prefill / decode tokens/s of a row's kept model against the dense model, each in a
+    child process of its own with the repeats interleaved (`shearkit.bench`)."""
+    import shearkit
+
+    r = shearkit.bench(model_dir(row["key"]), PROTOCOL["model"], labels=[row["key"], "dense"], device="cpu",
+                       dtype="float32", repeats=repeats)
+    me, dense = r[row["key"]], r["dense"]
+    med = lambda d, what: d[f"{what}_tokens_per_s"]["median"]  # noqa: E731
+    return {**row, "speed": {"params": me["params"], "disk_bytes": me["disk_bytes"],
+                             "params_dense": dense["params"], "disk_bytes_dense": dense["disk_bytes"],
+                             "prefill_tok_s": med(me, "prefill"), "decode_tok_s": med(me, "decode"),
+                             "prefill_tok_s_dense": med(dense, "prefill"), "decode_tok_s_dense": med(dense, "decode"),
+                             "setting": me.get("setting"), "date": today(), "machine": machine()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cells", default=",".join(CELLS), help="comma-separated subset of: " + ", ".join(CELLS))
+    ap.add_argument("--suite", choices=sorted(SUITES), default="width", help="which comparison's cells (default width)")
+    ap.add_argument("--cells", default=None, help="comma-separated subset of the suite's cells (default: all)")
     ap.add_argument("--budget", type=int, default=5400, help="seconds per cell before it is stopped")
     ap.add_argument("--redo", action="store_true", help="run cells again even when they have a row")
     ap.add_argument("--zeroshot", action="store_true", help="zero-shot scores for the final rows that lack them")
+    ap.add_argument("--speed", action="store_true", help="size and speed against dense for rows that lack them")
+    ap.add_argument("--repeats", type=int, default=5, help="--speed: interleaved repeats")
     a = ap.parse_args()
-    cells = [c.strip() for c in a.cells.split(",") if c.strip()]
-    unknown = [c for c in cells if c not in CELLS]
+    suite = SUITES[a.suite]
+    cells = [c.strip() for c in (a.cells or ",".join(suite)).split(",") if c.strip()]
+    unknown = [c for c in cells if c not in CELLS and c not in BLOCK_CELLS]
     if unknown:
-        raise SystemExit(f"unknown cell(s) {', '.join(unknown)}; cells: {', '.join(CELLS)}")
+        raise SystemExit(f"unknown cell(s) {', '.join(unknown)}; cells: {', '.join([*CELLS, *BLOCK_CELLS])}")
     for i, cell in enumerate(cells, 1):
         row = RESULTS.load().get(cell)
-        if a.zeroshot:
-            if row and row.get("status") == "ok" and row.get("final") and "zeroshot" not in row:
+        done = row is not None and row.get("status") == "ok"
+        if a.zeroshot or a.speed:
+            if done and a.zeroshot and row.get("final") and "zeroshot" not in row:
                 print(f"[{i}/{len(cells)}] {cell}: zero-shot ...", flush=True)
                 RESULTS.save(zeroshot_cell(row, a.budget))
+            if done and a.speed and "speed" not in row and spec(cell)[0] != "dense":
+                print(f"[{i}/{len(cells)}] {cell}: speed ...", flush=True)
+                RESULTS.save(speed_cell(row, a.repeats))
             continue
-        if row and row.get("status") == "ok" and row.get("protocol") == PROTOCOL and not a.redo:
+        if done and row.get("protocol") == protocol(cell) and not a.redo:
             print(f"[{i}/{len(cells)}] {cell}: done already, skipped", flush=True)
             continue
         print(f"[{i}/{len(cells)}] {cell}: running ...", flush=True)

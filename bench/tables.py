@@ -216,7 +216,7 @@ def zeroshot(results: Path) -> list[str]:
 
 def training(results: Path) -> list[str]:
     """The training-benchmark protocol: methods that train, at one budget of training tokens."""
-    rows = _load("training.jsonl", results)
+    rows = _suite(_load("training.jsonl", results), "width")
     order = {"dense": 0, "llm-pruner": 1, "loraprune": 2}
     rows = sorted((r for r in rows if r.get("status") == "ok"),
                   key=lambda r: (r["ratio"], not r.get("final"), order.get(r["method"], 9), r["key"]))
@@ -239,6 +239,41 @@ def training(results: Path) -> list[str]:
                 f"alpha {p['lora']['alpha']} / dropout {p['lora']['dropout']}; perplexity seqlen "
                 f"{p['eval']['seqlen']}, first {p['eval']['limit']} windows. Times on a shared 2-core CPU "
                 "with other jobs running: compare within a row, not across dates."]
+    return out
+
+
+def _suite(rows: list[dict], suite: str) -> list[dict]:
+    """The rows of one suite of bench_training.py (rows from before suites existed are `width`)."""
+    return [r for r in rows if r.get("suite", "width") == suite]
+
+
+def blocks_training(results: Path) -> list[str]:
+    """FlexiGPT's comparison: block removal, weight-shared replacement and width pruning at one budget."""
+    rows = sorted((r for r in _suite(_load("training.jsonl", results), "blocks") if r.get("status") == "ok"),
+                  key=lambda r: (r["blocks"], not r.get("final"), r["key"]))
+    if not rows:
+        return ["Not measured yet: `python bench/bench_training.py --suite blocks` fills these rows."]
+    out = ["| cell | method | options | blocks | stored block params saved | WikiText-2 | PTB | tokens trained | "
+           "unique params | disk MiB | prefill tok/s (× dense) | decode tok/s (× dense) | date |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        opts = ", ".join(f"{k}: {v}" for k, v in r.get("options", {}).items()) or "—"
+        ach = f"{r['ratio_achieved']:.4f}" if "ratio_achieved" in r else "—"
+        tok = f"{r['train_tokens']:,}" if r.get("train_tokens") else "—"
+        sp = r.get("speed")
+        if sp:
+            size = f"{sp['params'] / 1e6:.1f} M | {sp['disk_bytes'] / 2**20:,.0f}"
+            speed = (f"{sp['prefill_tok_s']:.0f} ({sp['prefill_tok_s'] / sp['prefill_tok_s_dense']:.2f}) | "
+                     f"{sp['decode_tok_s']:.1f} ({sp['decode_tok_s'] / sp['decode_tok_s_dense']:.2f})")
+        else:
+            size, speed = "— | —", "— | —"
+        out.append(f"| `{r['key']}` | {r['method']} | {opts} | {r['blocks']} | {ach} | {_ppl(r['wikitext2'])} | "
+                   f"{_ppl(r['ptb'])} | {tok} | {size} | {speed} | {r['date']} |")
+    t = rows[0]["protocol"]["train"]
+    out += ["", f"Budget {rows[0]['protocol']['budget_tokens']:,} training tokens = {t['steps']} steps × "
+            f"{t['batch_size']} × {t['seqlen']} of `{t['data']}`, seed {t['seed']}; LoRA lr {t['lr']:g}, FlexiGPT "
+            "lr 1e-3 (adapters and norm scales only); perplexity seqlen 512, first 40 windows. Speed: batch 1, "
+            "one child process per model, repeats interleaved, medians."]
     return out
 
 
@@ -300,6 +335,7 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "sparsity-memory": sparsity_memory, "llm-pruner-variants": llm_pruner_variants,
     "structured-quality": structured_quality, "structured-speed": structured_speed, "llmc": llmc,
     "zeroshot": zeroshot, "training": training, "training-zeroshot": training_zeroshot,
+    "blocks-training": blocks_training,
     "importance-memory": importance_memory, "train-throughput": train_throughput,
 }
 
