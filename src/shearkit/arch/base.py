@@ -123,10 +123,16 @@ class ArchAdapter:
     embed_paths: ClassVar[tuple[str, ...]]  # token (and position) embeddings
     final_norm_path: ClassVar[str | None]
     lm_head_path: ClassVar[str] = "lm_head"
+    # config keys holding the uniform widths: "heads", "kv_heads", "mlp" -> the family's key
+    width_config_keys: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
+
+    def sync_geometry_config(self) -> None:
+        """Write into the config the sizes it derives by default but pruning may have changed
+        (nothing for families whose config keys are all in `width_config_keys`)."""
 
     # -- structure -------------------------------------------------------------------------
     @property

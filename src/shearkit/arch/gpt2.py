@@ -16,6 +16,7 @@ class GPT2Adapter(ArchAdapter):
     layers_path = "transformer.h"
     embed_paths = ("transformer.wte", "transformer.wpe")
     final_norm_path = "transformer.ln_f"
+    width_config_keys = {"heads": "n_head", "mlp": "n_inner"}
 
     def block_view(self, i: int) -> BlockView:
         name = self.block_name(i)

@@ -12,6 +12,12 @@ class LlamaAdapter(ArchAdapter):
     layers_path = "model.layers"
     embed_paths = ("model.embed_tokens",)
     final_norm_path = "model.norm"
+    width_config_keys = {"heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "mlp": "intermediate_size"}
+
+    def sync_geometry_config(self) -> None:
+        first = self.block_view(0)
+        self.config.head_dim = first.attn.head_dim  # explicit: hidden // heads no longer holds
+        self.config.hidden_size = first.norms[0].weight.shape[0]  # changed by hidden-channel pruning
 
     def block_view(self, i: int) -> BlockView:
         name = self.block_name(i)

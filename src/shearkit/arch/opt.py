@@ -12,6 +12,7 @@ class OPTAdapter(ArchAdapter):
     layers_path = "model.decoder.layers"
     embed_paths = ("model.decoder.embed_tokens", "model.decoder.embed_positions")
     final_norm_path = "model.decoder.final_layer_norm"
+    width_config_keys = {"heads": "num_attention_heads", "mlp": "ffn_dim"}
 
     def block_view(self, i: int) -> BlockView:
         name = self.block_name(i)

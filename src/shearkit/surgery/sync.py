@@ -23,13 +23,6 @@ from ..io.modeling import LAYER_SHAPES_KEY, SHARED_BLOCKS_KEY
 # Cached integers that transformers' blocks read in forward; reset from the weights.
 _ATTRS = ("num_heads", "num_key_value_heads", "num_key_value_groups", "split_size", "intermediate_size")
 
-# Config keys holding the uniform widths, per adapter family.
-_CONFIG_KEYS: dict[str, dict[str, str]] = {
-    "llama": {"heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "mlp": "intermediate_size"},
-    "opt": {"heads": "num_attention_heads", "mlp": "ffn_dim"},
-    "gpt2": {"heads": "n_head", "mlp": "n_inner"},
-}
-
 
 def sync_block_attrs(model: nn.Module) -> None:
     """Reset each block's cached head counts and widths from its weights."""
@@ -125,10 +118,8 @@ def sync_config(model: nn.Module) -> str:
         delattr(cfg, SHARED_BLOCKS_KEY)
     views = ad.blocks()
     geo = {(b.attn.num_heads, b.attn.num_kv_heads, b.mlp.width) for b in views}
-    if ad.family == "llama":
-        cfg.head_dim = views[0].attn.head_dim  # explicit: hidden // heads no longer holds
-        cfg.hidden_size = views[0].norms[0].weight.shape[0]  # changed by hidden-channel pruning
-    keys = _CONFIG_KEYS.get(ad.family, {})
+    ad.sync_geometry_config()
+    keys = ad.width_config_keys
     if len(geo) == 1 and keys:
         heads, kv, width = geo.pop()
         cand = copy.deepcopy(cfg)
