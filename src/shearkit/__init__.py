@@ -22,6 +22,7 @@ _LAZY = {
     "generate": "shearkit.api",
     "prune": "shearkit.pruning",
     "apply_plan": "shearkit.pruning",
+    "extend": "shearkit.extension",
     "Plan": "shearkit.plan",
     "save": "shearkit.io.save",
     "recover": "shearkit.recovery",
