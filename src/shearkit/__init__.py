@@ -23,6 +23,7 @@ _LAZY = {
     "prune": "shearkit.pruning",
     "apply_plan": "shearkit.pruning",
     "extend": "shearkit.extension",
+    "speculative_generate": "shearkit.speculative",
     "Plan": "shearkit.plan",
     "save": "shearkit.io.save",
     "recover": "shearkit.recovery",
