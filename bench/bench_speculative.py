@@ -10,11 +10,12 @@ included; the prompts are short), best of `--repeats`, for three baselines: tran
 `generate(do_sample=False)` (what `shearkit generate` runs), a plain greedy loop over the same
 forward calls as the speculative decoder (no per-step overhead of `generate`), and the speculative
 decoder at each lookahead. Every speculative output is checked token-identical to `generate`'s.
-Writes bench/results/speculative.json. A run takes about 2-3 minutes on one CPU thread.
+Appends a run to bench/results/speculative.json. A run takes about 3-4 minutes on one CPU thread.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -61,7 +62,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=9)
     ap.add_argument("--train-steps", type=int, default=16, help="FlexiGPT training steps before measuring (c4)")
     ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--lookaheads", default="2,3,4")
+    ap.add_argument("--lookaheads", default="3,4,6")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data-dir", default=os.environ.get("SHEARKIT_DATA"))
@@ -112,9 +113,11 @@ def main() -> None:
               "generate_tokens_per_s": tps["generate"], "greedy_loop_tokens_per_s": tps["greedy_loop"],
               "speculative": spec, "best_vs_generate": max(v["vs_generate"] for v in spec.values()),
               "rows": rows, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {a.threads} thread(s)",
-              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+              "load_average": list(os.getloadavg()), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "wall_s": time.perf_counter() - t0}
-    write_json(Path(a.out), result)
+    out = Path(a.out)  # every run is kept: on a shared machine one run is not the figure
+    runs = json.loads(out.read_text())["runs"] if out.exists() else []
+    write_json(out, {"what": result.pop("what"), "runs": [*runs, result]})
     print({k: round(v, 2) for k, v in tps.items()},
           {k: (round(v["tokens_per_s"], 2), round(v["vs_generate"], 3), round(v["acceptance"], 3))
            for k, v in spec.items()})
