@@ -18,16 +18,8 @@ from shearkit.surgery import remove_blocks
 from shearkit.surgery.extend import extend_blocks, extension_layout
 from shearkit.surgery.shared_block import share_block, shared_parameters
 
-from conftest import VOCAB, make_tiny
-
-PROBE = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
-PATHS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-         "mlp.up_proj", "mlp.down_proj"]
-
-
-def _logits(model, ids=PROBE) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
+from conftest import make_tiny
+from test_flexigpt import PATHS, PROBE, _logits
 
 
 def _perturb(model) -> None:
@@ -239,3 +231,17 @@ def test_command_line_end_to_end(tiny_model_dir, tmp_path, text_file):
                                    "--out", str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "cannot be placed over blocks 0..2" in str(bad.exception)
     assert not (tmp_path / "bad" / "model").exists()
+
+
+def test_the_same_seed_builds_the_same_copies_and_a_run_recipe_is_sent_to_extend():
+    """A resumed run rebuilds the copies before restoring their checkpoint: the seed fixes their init."""
+    from shearkit.pipeline import run_pipeline
+    from shearkit.recipe import load_recipe
+
+    a, b, c = make_tiny("llama"), make_tiny("llama"), make_tiny("llama")
+    for m, seed in ((a, 3), (b, 3), (c, 4)):
+        shearkit.extend(m, add_blocks=3, rank=4, seed=seed, training=False)
+    pa, pb, pc = shared_parameters(a), shared_parameters(b), shared_parameters(c)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa) and not all(torch.equal(pa[k], pc[k]) for k in pa)
+    with pytest.raises(ShearkitError, match="shearkit extend --recipe"):
+        run_pipeline(load_recipe("extend"))
