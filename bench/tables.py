@@ -19,6 +19,7 @@ tests/test_bench_tables.py, fails). The grid table has its own markers and gener
     training.jsonl              bench/bench_training.py
     importance_memory.json      bench/bench_importance_memory.py
     train_throughput.json       bench/bench_train_throughput.py
+    speculative.json            bench/bench_speculative.py
 """
 from __future__ import annotations
 
@@ -330,13 +331,30 @@ def train_throughput(results: Path) -> list[str]:
     return out
 
 
+def speculative(results: Path) -> list[str]:
+    """Self-speculative decoding against greedy decoding, every run: tokens/s, ratios, draft acceptance."""
+    runs = _load("speculative.json", results)["runs"]
+    out = ["| run | decoder | lookahead | tokens/s | vs generate | vs greedy loop | draft tokens accepted |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for i, d in enumerate(runs, 1):
+        load = d.get("load_average")
+        run = f"{i}: {d['date']}, load {'/'.join(f'{x:.1f}' for x in load) if load else 'not recorded'}"
+        gen, loop = d["generate_tokens_per_s"], d["greedy_loop_tokens_per_s"]
+        out.append(f"| {run} | transformers `generate` | — | {gen:.2f} | 1.000 | — | — |")
+        out.append(f"| {run} | greedy loop (same forward calls) | — | {loop:.2f} | {loop / gen:.3f} | 1.000 | — |")
+        for k, r in d["speculative"].items():
+            out.append(f"| {run} | self-speculative | {k} | {r['tokens_per_s']:.2f} | {r['vs_generate']:.3f} | "
+                       f"{r['vs_greedy_loop']:.3f} | {r['acceptance']:.1%} |")
+    return out
+
+
 TABLES: dict[str, Callable[[Path], list[str]]] = {
     "dense-ppl": dense_ppl, "dense-size": dense_size, "sparsity-summary": sparsity_summary,
     "sparsity-memory": sparsity_memory, "llm-pruner-variants": llm_pruner_variants,
     "structured-quality": structured_quality, "structured-speed": structured_speed, "llmc": llmc,
     "zeroshot": zeroshot, "training": training, "training-zeroshot": training_zeroshot,
     "blocks-training": blocks_training,
-    "importance-memory": importance_memory, "train-throughput": train_throughput,
+    "importance-memory": importance_memory, "train-throughput": train_throughput, "speculative": speculative,
 }
 
 

@@ -22,6 +22,8 @@ _LAZY = {
     "generate": "shearkit.api",
     "prune": "shearkit.pruning",
     "apply_plan": "shearkit.pruning",
+    "extend": "shearkit.extension",
+    "speculative_generate": "shearkit.speculative",
     "Plan": "shearkit.plan",
     "save": "shearkit.io.save",
     "recover": "shearkit.recovery",

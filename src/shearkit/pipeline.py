@@ -31,6 +31,9 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
     rcfg = recipe.get("recover")
     step = _steps(recipe, dry_run, echo)
     if pcfg is None and rcfg is None:
+        if recipe.get("extend") is not None:
+            raise ShearkitError("This recipe extends a model (an 'extend' section): run it with "
+                                "`shearkit extend --recipe RECIPE`.")
         raise ShearkitError("The recipe has neither a 'prune' nor a 'recover' section: nothing to run. "
                             "Add e.g. `prune: {method: llm-pruner, ratio: 0.2}`.")
     check_recipe_data(recipe)  # every data set the run reads, before a run directory or a model load

@@ -95,7 +95,7 @@ def _load_section_owners() -> None:
     # importing these registers their sections; they are optional while being built
     import importlib
 
-    for mod in ("shearkit.methods", "shearkit.recovery"):
+    for mod in ("shearkit.methods", "shearkit.recovery", "shearkit.extension"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

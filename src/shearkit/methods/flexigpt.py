@@ -91,20 +91,25 @@ class FlexiGPTConfig(BlockConfig):
 
     def train_config(self, rank: int):
         """The training run as a RecoverConfig (`rank` recorded for the run's summary)."""
-        from ..recipe import build_config
-        from ..recovery.config import RecoverConfig
-
-        clash = sorted(set(self.train) & {"rank", "alpha", "dropout", "target_modules", "merge"})
-        if clash:
-            raise ShearkitError(f"prune.train.{clash[0]} does not apply to FlexiGPT, which trains its own adapters "
-                                "(set prune.rank for their rank).")
-        return build_config(RecoverConfig, {**TRAIN_DEFAULTS, **self.train, "rank": rank, "seed": self.seed},
-                            "prune.train")
+        return shared_train_config(self.train, rank, self.seed, "prune")
 
 
-def resolve_rank(model, rank: int | None) -> int:
+def shared_train_config(train: dict[str, Any], rank: int, seed: int, section: str):
+    """A RecoverConfig for training shared copies' adapters and norm scales: `train` (fields of
+    `recover`, read from `<section>.train`) over `TRAIN_DEFAULTS`; peft's LoRA fields refused."""
+    from ..recipe import build_config
+    from ..recovery.config import RecoverConfig
+
+    clash = sorted(set(train) & {"rank", "alpha", "dropout", "target_modules", "merge"})
+    if clash:
+        raise ShearkitError(f"{section}.train.{clash[0]} does not apply to shared blocks, which train their own "
+                            f"adapters (set {section}.rank for their rank).")
+    return build_config(RecoverConfig, {**TRAIN_DEFAULTS, **train, "rank": rank, "seed": seed}, f"{section}.train")
+
+
+def resolve_rank(model, rank: int | None, key: str = "prune.rank") -> int:
     """The adapter rank: `rank`, or the default for the model's hidden size capped at the smallest
-    projection's rank; a `rank` above that rank is refused."""
+    projection's rank; a `rank` above that rank is refused (`key` names the setting in the message)."""
     from ..arch import get_adapter
     from ..importance.shared_base import max_rank
 
@@ -112,8 +117,8 @@ def resolve_rank(model, rank: int | None) -> int:
     if rank is None:
         return min(default_rank(get_adapter(model).hidden_size), top)
     if rank > top:
-        raise ShearkitError(f"prune.rank={rank} exceeds the rank of the smallest projection, {which}: at most {top} "
-                            f"(a higher rank would make every base distance 0). Choose prune.rank <= {top}.")
+        raise ShearkitError(f"{key}={rank} exceeds the rank of the smallest projection, {which}: at most {top} "
+                            f"(an adapter cannot use more). Choose {key} <= {top}.")
     return rank
 
 
