@@ -81,6 +81,10 @@ def test_targets_redistribute_what_kept_groups_cannot_give_and_refuse_the_imposs
     assert units == [0, 0, 9, 9]
     with pytest.raises(ShearkitError, match="unreachable"):
         allocate(nodes, {0, 1}, 0.46, 400)
+    # equal remainders: the unit goes to the least sensitive node group, not the first one
+    whole = [NodeUnits(i, "attn", 3, 300, [1, 1], [100, 100]) for i in range(3)]
+    assert allocate(whole, set(), 0.2, 1000, sensitivity=[0.5, 0.1, 0.3]) == [0, 1, 1]
+    assert allocate(whole, set(), 0.2, 1000) == [1, 1, 0]
 
 
 def test_analyze_restores_the_model_and_its_file_drives_a_structured_prune(heldout, tiny_tokenizer, tmp_path):

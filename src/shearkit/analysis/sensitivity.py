@@ -127,7 +127,7 @@ def analyze(model: nn.Module, tokenizer, ratio: float, *, trial_ratio: float = 0
         model.train(was_training)
     wall = time.perf_counter() - t0
     keep = set(most_sensitive([r["relative_deviation"] for r in records], gamma))
-    units = allocate(nodes, keep, ratio, total)
+    units = allocate(nodes, keep, ratio, total, [r["relative_deviation"] for r in records])
     removed = 0
     layer_params = layer_params_after(m)
     lists: dict[str, list[float]] = {k: [0.0] * len(layer_params) for k in KINDS}
@@ -186,7 +186,7 @@ def plot_sensitivity(record: dict[str, Any], path: str | os.PathLike) -> None:
     for kind, label in (("attn", "attention"), ("mlp", "MLP")):
         rs = [r for r in record["nodes"] if r["kind"] == kind]
         ax.plot([r["layer"] for r in rs], [r["relative_deviation"] for r in rs], "o-", ms=4, lw=1.2,
-                color=colors[kind], label=f"{label} ({int(100 * record['trial_ratio'])}% zeroed)")
+                color=colors[kind], label=label)
         kept = [r for r in rs if r["unprunable"]]
         if kept:
             ax.plot([r["layer"] for r in kept], [r["relative_deviation"] for r in kept], "o", ms=10, mfc="none",
@@ -199,7 +199,7 @@ def plot_sensitivity(record: dict[str, Any], path: str | os.PathLike) -> None:
     _integer_x(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax.set_title(f"knowledge distribution: {record['model']} (proxy {record['proxy']}, dense ppl "
-                 f"{record['dense_ppl']:.3g})", fontsize=10)
+    ax.set_title(f"knowledge distribution: {record['model']} (proxy {record['proxy']}, trial ratio "
+                 f"{record['trial_ratio']}, dense ppl {record['dense_ppl']:.3g})", fontsize=10)
     with atomic_file(path) as tmp:
         fig.savefig(tmp)

@@ -7,6 +7,8 @@ its parameters, capped at what it can give (at least one KV group and `round_to`
 stay), with f found by water-filling; the shares are then rounded to whole units (one KV group,
 or an MLP chunk as the planner cuts it) and units added, largest remainder first, until the
 removed parameters first reach the target: the result overshoots it by less than one unit.
+Equal remainders (node groups of equal size) go to the least sensitive first, so coarse units
+(SmolLM2 has 3 KV groups per layer) land where they hurt least, not by layer order.
 """
 from __future__ import annotations
 
@@ -67,9 +69,11 @@ def most_sensitive(deviations: list[float], gamma: float) -> list[int]:
     return sorted(order[:k])
 
 
-def allocate(nodes: list[NodeUnits], unprunable: set[int], ratio: float, block_params: int) -> list[int]:
+def allocate(nodes: list[NodeUnits], unprunable: set[int], ratio: float, block_params: int,
+             sensitivity: list[float] | None = None) -> list[int]:
     """Units each node group loses so that the removed parameters first reach `ratio` x
-    `block_params` (module docstring); unprunable node groups lose none.
+    `block_params` (module docstring); unprunable node groups lose none; `sensitivity` (one value
+    per node group, higher: more sensitive) breaks ties between equal remainders.
 
     Raises:
         ShearkitError: the prunable node groups cannot give that much.
@@ -105,7 +109,8 @@ def allocate(nodes: list[NodeUnits], unprunable: set[int], ratio: float, block_p
         units[j], removed = n, removed + got
         if n < len(costs):
             rest.append(((want[j] - got) / costs[n], j))
-    for _, j in sorted(rest, key=lambda t: (-t[0], t[1])):  # largest remainder first
+    sens = sensitivity or [0.0] * len(nodes)
+    for _, j in sorted(rest, key=lambda t: (-round(t[0], 9), sens[t[1]], t[1])):  # largest remainder first
         if removed >= target:
             break
         removed += nodes[j].unit_costs[units[j]]
