@@ -108,6 +108,8 @@ def test_analyze_restores_the_model_and_its_file_drives_a_structured_prune(heldo
         entry = plan.layers.get(str(n["layer"]), {})
         assert not entry.get("kv_groups" if n["kind"] == "attn" else "mlp_channels")
     assert plan.extra["kind_ratios"] == {"attn": rec["attn_ratios"], "mlp": rec["mlp_ratios"]}
+    kd = plan.extra["knowledge_distribution"]  # what the run's report plots
+    assert [kd[n["kind"]][n["layer"]] for n in nodes] == [n["relative_deviation"] for n in nodes]
 
 
 def test_taylor_proxy_draws_calibration_apart_from_the_heldout(heldout, tiny_tokenizer):

@@ -158,6 +158,23 @@ def analyze(model: nn.Module, tokenizer, ratio: float, *, trial_ratio: float = 0
     }
 
 
+def deviation_series(path: str | os.PathLike) -> dict[str, list[float]] | None:
+    """The relative deviation per layer of each kind in a sensitivity file (`{"attn": [...],
+    "mlp": [...]}`, what a run's report plots as the knowledge distribution), or None when the
+    allocation file holds no trials."""
+    import json
+    from pathlib import Path
+
+    nodes = json.loads(Path(path).read_text()).get("nodes")
+    if not isinstance(nodes, list) or not nodes:
+        return None
+    layers = 1 + max(int(n["layer"]) for n in nodes)
+    out = {k: [0.0] * layers for k in KINDS}
+    for n in nodes:
+        out[n["kind"]][int(n["layer"])] = float(n["relative_deviation"])
+    return out
+
+
 def write_sensitivity(record: dict[str, Any], path: str | os.PathLike) -> None:
     """Save a sensitivity record as JSON, atomically (usable as `--allocation`)."""
     from ..io.atomic import write_json

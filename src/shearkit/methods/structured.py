@@ -183,7 +183,12 @@ class StructuredMethod(PruneMethod):
         if ratios is not None:
             plan.extra["layer_ratios"] = ratios  # as read, so the plan stands without the file
         if kinds is not None:
+            from ..analysis.sensitivity import deviation_series
+
             plan.extra["kind_ratios"] = kinds
+            kd = deviation_series(cfg.allocation)  # a `shearkit analyze` file: its trials go in the report
+            if kd is not None:
+                plan.extra["knowledge_distribution"] = kd
         return plan
 
     def run(self, model, ctx: MethodContext) -> Plan:
