@@ -29,6 +29,8 @@ _LAZY = {
     "recover": "shearkit.recovery",
     "get_adapter": "shearkit.arch",
     "load_recipe": "shearkit.recipe",
+    "analyze": "shearkit.analysis",
+    "describe_groups": "shearkit.graph",
 }
 
 

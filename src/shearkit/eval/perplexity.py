@@ -14,10 +14,10 @@ import math
 import os
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data import load_rows, tokenize_stream
 from ..errors import ShearkitError
+from ..progress import progress
 
 
 def model_max_length(model) -> int | None:
@@ -30,11 +30,12 @@ def model_max_length(model) -> int | None:
 
 
 @torch.inference_mode()
-def window_nll(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "perplexity") -> torch.Tensor:
-    """Sum of token NLLs (float32) of each window, predicting tokens 1..L-1 from their prefix."""
+def window_nll(model, windows: torch.Tensor, batch_size: int = 1, desc: str | None = "perplexity") -> torch.Tensor:
+    """Sum of token NLLs (float32) of each window, predicting tokens 1..L-1 from their prefix
+    (`desc=None`: no progress bar)."""
     device = next(model.parameters()).device
     sums = []
-    for i in tqdm(range(0, windows.shape[0], batch_size), desc=desc, leave=False, unit="batch"):
+    for i in progress(range(0, windows.shape[0], batch_size), desc, unit="batch"):
         batch = windows[i : i + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()
         nll = torch.nn.functional.cross_entropy(

@@ -86,10 +86,14 @@ class GroupSet:
     def base_parts(self) -> list[Part]:
         return [p for p in self.parts if not p.lora]
 
-    def param_counts(self, model: nn.Module) -> torch.Tensor:
-        """Base parameters each group holds (weights and biases; LoRA factors excluded)."""
+    def lora_parts(self) -> list[Part]:
+        return [p for p in self.parts if p.lora]
+
+    def param_counts(self, model: nn.Module, lora: bool = False) -> torch.Tensor:
+        """Parameters each group holds: base weights and biases, or (`lora=True`) the LoRA factor
+        entries that go with them (rank x slice: B rows, A columns; the rank is never pruned)."""
         n = torch.zeros(self.size, dtype=torch.long)
-        for p in self.base_parts():
+        for p in (self.lora_parts() if lora else self.base_parts()):
             mod = model.get_submodule(p.module)
             out_f, in_f = module_shape(mod)
             k = p.index.shape[1]

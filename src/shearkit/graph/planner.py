@@ -18,7 +18,9 @@ Allocation: `uniform` gives every prunable layer the same fraction p of its MLP 
 attention units (p searched for the smallest value reaching the target; the same widths in
 every prunable layer); `global` takes units from any layer in order of score per parameter;
 given per-layer ratios r_i give layer i the fraction min(1, c * r_i), one factor c for all (the
-smallest reaching the target), so a layer with twice the ratio loses about twice the share.
+smallest reaching the target), so a layer with twice the ratio loses about twice the share; given
+per-kind ratios (`kind_ratios`: `attn` and `mlp` lists) do the same per layer and kind, so a
+layer's attention can stay dense while its MLP is pruned (knowledge-distribution allocations).
 Layers in `dense` are never pruned (which ones is the method's choice: `methods/structured.py`);
 dense layers make widths differ between layers. The planner knows no method: scores in, plan out.
 """
@@ -113,7 +115,8 @@ def kept_dense(dense: list[int], layer_ratios: list[float] | None = None) -> lis
 
 def plan_structured(model: nn.Module, scores: dict[tuple[str, int], torch.Tensor], *, ratio: float, allocation: str,
                     attn_unit: str, round_to: int, dense: list[int], method: str, config: dict,
-                    layer_ratios: list[float] | None = None) -> Plan:
+                    layer_ratios: list[float] | None = None,
+                    kind_ratios: dict[str, list[float]] | None = None) -> Plan:
     """A structured plan removing at least `ratio` of the blocks' parameters, lowest scores first.
 
     Args:
@@ -125,6 +128,8 @@ def plan_structured(model: nn.Module, scores: dict[tuple[str, int], torch.Tensor
         dense: layers never pruned. `config`: the method's options, recorded in the plan.
         layer_ratios: one relative ratio per layer: layer i loses the fraction min(1, c * r_i) of its
             units, one factor c for all found by bisection; layers with r_i = 0 stay dense.
+        kind_ratios: {"attn": [...], "mlp": [...]}, one relative ratio per layer and kind, used as
+            `layer_ratios` is but per structure (a 0 keeps that structure dense); needs `layer_ratios`.
 
     Raises:
         ShearkitError: the ratio cannot be reached under the constraints (the message gives the
@@ -139,6 +144,14 @@ def plan_structured(model: nn.Module, scores: dict[tuple[str, int], torch.Tensor
         raise ShearkitError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got '{allocation}'.")
     if layer_ratios is not None and len(layer_ratios) != L:
         raise ShearkitError(f"{allocation} gives {len(layer_ratios)} layer ratios; the model has {L} layers.")
+    if kind_ratios is not None:
+        if layer_ratios is None:
+            raise ShearkitError("Per-kind ratios need per-layer ratios too (the allocation file's layer_ratios).")
+        for k in ("attn", "mlp"):
+            if len(kind_ratios.get(k) or []) != L:
+                raise ShearkitError(f"{allocation} gives {len(kind_ratios.get(k) or [])} {k} ratios; the model has "
+                                    f"{L} layers.")
+        layer_ratios = [max(a, b) for a, b in zip(kind_ratios["attn"], kind_ratios["mlp"])]
     dense = kept_dense(dense, layer_ratios)
     prunable = [i for i in range(L) if i not in dense]
     before = sum(_layer_params(m))
@@ -148,6 +161,12 @@ def plan_structured(model: nn.Module, scores: dict[tuple[str, int], torch.Tensor
         seqs.append(_mlp_seq(i, scores[("mlp_channel", i)].float().cpu(), per_ch, round_to))
         if attn_unit != "none":
             seqs.append(_attn_seq(m, i, geo[i], scores, attn_unit))
+    weights = {(s.layer, _kind(s)): 1.0 for s in seqs}
+    if kind_ratios is not None:
+        weights = {(s.layer, _kind(s)): float(kind_ratios[_kind(s)][s.layer]) for s in seqs}
+    elif layer_ratios is not None:
+        weights = {(s.layer, _kind(s)): float(layer_ratios[s.layer]) for s in seqs}
+    seqs = [s for s in seqs if weights[(s.layer, _kind(s))] > 0]  # a 0 keeps that structure dense
     target = ratio * before
     max_removed = sum(sum(s.costs) for s in seqs)
     if target > max_removed + 1e-6:
@@ -159,9 +178,9 @@ def plan_structured(model: nn.Module, scores: dict[tuple[str, int], torch.Tensor
     extra = {}
     if ratio > 0:
         if layer_ratios is not None:
-            extra["layer_ratio_scale"] = _allocate_scaled(seqs, target, {i: layer_ratios[i] for i in prunable})
+            extra["layer_ratio_scale"] = _allocate_scaled(seqs, target, weights)
         elif allocation == "uniform":
-            _allocate_scaled(seqs, target, {i: 1.0 for i in prunable})
+            _allocate_scaled(seqs, target, weights)
         else:
             _allocate_global(seqs, target)
     entries: dict[str, dict[str, list[int]]] = {}
@@ -213,14 +232,21 @@ def _removed(seqs: list[_Seq]) -> int:
     return sum(sum(s.costs[: s.taken]) for s in seqs)
 
 
-def _allocate_scaled(seqs: list[_Seq], target: float, weights: dict[int, float]) -> float:
-    """Give layer i the fraction min(1, c * weights[i]) of each of its structures, c the smallest
-    factor (bisection) reaching `target`; all weights 1 is the uniform allocation. Returns c."""
-    top = 1.0 / min(weights.values())  # every layer's fraction is 1 from here on
+def _kind(s: _Seq) -> str:
+    """`mlp` or `attn`: the kind a per-kind ratio addresses."""
+    return "mlp" if s.kind == "mlp" else "attn"
+
+
+def _allocate_scaled(seqs: list[_Seq], target: float, weights: dict[tuple[int, str], float]) -> float:
+    """Give structure (layer i, kind k) the fraction min(1, c * weights[i, k]) of its units, c the
+    smallest factor (bisection) reaching `target`; all weights 1 is the uniform allocation. Returns c."""
+    if not seqs:
+        return 0.0
+    top = 1.0 / min(weights[(s.layer, _kind(s))] for s in seqs)  # every fraction is 1 from here on
 
     def apply(c: float) -> int:
         for s in seqs:
-            s.taken = _uniform_take(s, min(1.0, c * weights[s.layer]))
+            s.taken = _uniform_take(s, min(1.0, c * weights[(s.layer, _kind(s))]))
         return _removed(seqs)
 
     if apply(top) < target:  # rounding left units over; fall back to taking everything allowed

@@ -115,6 +115,10 @@ def method_config(data: dict) -> PruneConfig:
         raise ShearkitError(f"A block count (--blocks / prune.blocks) applies only to block methods "
                             f"({', '.join(k for k, v in sorted(METHODS.items()) if v.kind == 'blocks')}), and "
                             f"'{name}' is {METHODS[name].kind}; use --ratio.")
+    if data.get("allocation") is not None and METHODS[name].kind != "structured":
+        raise ShearkitError(f"An allocation (--allocation / prune.allocation) applies only to structured methods "
+                            f"({', '.join(k for k, v in sorted(METHODS.items()) if v.kind == 'structured')}), and "
+                            f"'{name}' is {METHODS[name].kind}.")
     if "sparsity" in data and "ratio" not in data:  # alias used by the unstructured methods
         data["ratio"] = data.pop("sparsity")
     return build_config(cls.config_cls, data, "prune")

@@ -13,7 +13,10 @@ Allocation (`prune.allocation`): `uniform` (the same fraction of every prunable 
 relative per-layer ratios, `{"layer_ratios": [r_0, ..., r_{L-1}]}` with one number >= 0 per
 decoder layer: layer i loses the fraction min(1, c * r_i) of its units, c found so that the
 blocks lose `ratio` of their parameters; a layer with r_i = 0 stays dense. Layers kept dense by
-`dense_first` / `dense_last` stay dense whatever their ratio.
+`dense_first` / `dense_last` stay dense whatever their ratio. The file may also give per-kind
+ratios, `"attn_ratios"` and `"mlp_ratios"` (one number >= 0 per layer each, as `shearkit analyze`
+writes them); then structure (i, kind) loses min(1, c * r_(i,kind)) of its units, and a 0 keeps
+just that structure dense.
 """
 from __future__ import annotations
 
@@ -60,6 +63,7 @@ class StructuredConfig(PruneConfig):
         super().__post_init__()
         if self.allocation not in ALLOCATIONS:
             load_layer_ratios(self.allocation)  # a file of per-layer ratios: refused now if unreadable
+            load_kind_ratios(self.allocation)
         if self.attn_unit not in ATTN_UNITS:
             raise ShearkitError(f"prune.attn_unit must be one of {', '.join(ATTN_UNITS)}, got '{self.attn_unit}'.")
         if self.round_to < 1:
@@ -92,6 +96,31 @@ def load_layer_ratios(path: str, num_layers: int | None = None) -> list[float]:
         raise ShearkitError(f"{path} gives {len(ratios)} layer ratios, but the model has {num_layers} decoder "
                             "layers; give one ratio per layer.")
     return [float(r) for r in ratios]
+
+
+KIND_KEYS = {"attn": "attn_ratios", "mlp": "mlp_ratios"}
+
+
+def load_kind_ratios(path: str, num_layers: int | None = None) -> dict[str, list[float]] | None:
+    """The per-kind ratios of allocation file `path` (`attn_ratios` and `mlp_ratios`), or None
+    when it gives per-layer ratios only; checked like `layer_ratios`."""
+    data = json.loads(Path(path).read_text())
+    given = [k for k in KIND_KEYS.values() if k in data]
+    if not given:
+        return None
+    if len(given) == 1:
+        raise ShearkitError(f"{path} gives {given[0]} without {({*KIND_KEYS.values()} - set(given)).pop()}; "
+                            "per-kind allocations need both.")
+    out = {}
+    for kind, key in KIND_KEYS.items():
+        r = data[key]
+        if (not isinstance(r, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                               and math.isfinite(x) and x >= 0 for x in r)):
+            raise ShearkitError(f'{path}: "{key}" must be a list of numbers >= 0, one per decoder layer.')
+        if num_layers is not None and len(r) != num_layers:
+            raise ShearkitError(f"{path} gives {len(r)} {key}, but the model has {num_layers} decoder layers.")
+        out[kind] = [float(x) for x in r]
+    return out
 
 
 def end_layers(num_layers: int, first: int | None, last: int | None, default: str = "none") -> list[int]:
@@ -147,11 +176,19 @@ class StructuredMethod(PruneMethod):
         cfg = self.config
         m = unwrap(model)
         dense, ratios = self.layout(m)
+        kinds = None if ratios is None else load_kind_ratios(cfg.allocation, len(ratios))
         plan = plan_structured(m, scores, ratio=cfg.ratio if ratio is None else ratio, allocation=cfg.allocation,
                                attn_unit=cfg.attn_unit, round_to=cfg.round_to, dense=dense, method=self.name,
-                               config=cfg.to_dict(), layer_ratios=ratios)
+                               config=cfg.to_dict(), layer_ratios=ratios, kind_ratios=kinds)
         if ratios is not None:
             plan.extra["layer_ratios"] = ratios  # as read, so the plan stands without the file
+        if kinds is not None:
+            from ..analysis.sensitivity import deviation_series
+
+            plan.extra["kind_ratios"] = kinds
+            kd = deviation_series(cfg.allocation)  # a `shearkit analyze` file: its trials go in the report
+            if kd is not None:
+                plan.extra["knowledge_distribution"] = kd
         return plan
 
     def run(self, model, ctx: MethodContext) -> Plan:
