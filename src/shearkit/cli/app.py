@@ -45,6 +45,18 @@ SET_OPT = typer.Option(None, "--set", help="Override a recipe value: section.key
 TRUST_OPT = typer.Option(False, "--trust-remote-code", help="Allow model code from the model directory.")
 
 
+def check_resume_flags(resume: bool, overwrite: bool, out: Optional[str]) -> None:
+    """Refuse `--resume` without the interrupted run's directory, or together with `--overwrite`."""
+    from pathlib import Path
+
+    from ..errors import ShearkitError
+
+    if resume and overwrite:
+        raise ShearkitError("--resume and --overwrite contradict each other; give one.")
+    if resume and not (out and Path(out).is_dir()):
+        raise ShearkitError("--resume needs --out pointing at the run directory of the interrupted run.")
+
+
 def pick_model(model: Optional[str], model_opt: Optional[str], required: bool = True) -> Optional[str]:
     """The model from the positional argument or --model (not both)."""
     from ..errors import ShearkitError

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from .app import (CACHE_OPT, DATA_OPT, DEVICE_OPT, DTYPE_OPT, MODEL_ARG, MODEL_OPT, OUT_OPT, OVERWRITE_OPT,
-                  RECIPE_OPT, SET_OPT, TRUST_OPT, app, model_section, pick_model, print_table)
+                  RECIPE_OPT, SET_OPT, TRUST_OPT, app, check_resume_flags, model_section, pick_model, print_table)
 from .core import metric_rows
 
 
@@ -44,14 +43,10 @@ def extend_cmd(
 
     Example: shearkit extend smollm2-135m --add-blocks 6 --start 12 --end 17 --out runs/ext6
     """
-    from ..errors import ShearkitError
     from ..recipe import load_recipe
 
     m = pick_model(model, model_opt, required=recipe is None)
-    if resume and overwrite:
-        raise ShearkitError("--resume and --overwrite contradict each other; give one.")
-    if resume and not (out and Path(out).is_dir()):
-        raise ShearkitError("--resume needs --out pointing at the run directory of the interrupted run.")
+    check_resume_flags(resume, overwrite, out)
     # training flags as overrides of single keys, so the recipe's other training settings stay
     flags = [f"extend.train.{k}={v}" for k, v in (("steps", steps), ("data", data)) if v is not None and steps != 0]
     if steps == 0:

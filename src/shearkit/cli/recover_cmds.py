@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from .app import (CACHE_OPT, DATA_OPT, DEVICE_OPT, DTYPE_OPT, MODEL_ARG, MODEL_OPT, OUT_OPT, OVERWRITE_OPT,
-                  RECIPE_OPT, SET_OPT, TRUST_OPT, app, model_section, pick_model)
+                  RECIPE_OPT, SET_OPT, TRUST_OPT, app, check_resume_flags, model_section, pick_model)
 
 
 @app.command("recover")
@@ -44,14 +44,10 @@ def recover_cmd(
 
     Example: shearkit recover runs/lp20/model --data alpaca --steps 200 --out runs/lp20-rec
     """
-    from ..errors import ShearkitError
     from ..recipe import load_recipe
 
     m = pick_model(model, model_opt, required=recipe is None)
-    if resume and not (out and Path(out).is_dir()):
-        raise ShearkitError("--resume needs --out pointing at the run directory of the interrupted run.")
-    if resume and overwrite:
-        raise ShearkitError("--resume and --overwrite contradict each other; give one.")
+    check_resume_flags(resume, overwrite, out)
     r = load_recipe(recipe, set_, extra={
         "model": model_section(m, device, dtype, cache_dir, trust_remote_code),
         "recover": {"data": data, "steps": steps, "lr": lr, "rank": rank, "alpha": alpha, "batch_size": batch_size,
