@@ -166,7 +166,14 @@ def read_run(run: Path, row: dict) -> dict:
                    train_loss_last=m["recover"].get("loss_last"))
     plan = run / "plan.json"
     if plan.exists():
-        extra = json.loads(plan.read_text()).get("extra", {})
+        pl = json.loads(plan.read_text())
+        extra = pl.get("extra", {})
+        layers = pl.get("layers") or {}
+        if layers:  # where a structured plan cut: KV groups and MLP channels removed, the most in one layer
+            kv = [len(v.get("kv_groups", [])) for v in layers.values()]
+            ch = [len(v.get("mlp_channels", [])) for v in layers.values()]
+            row.update(kv_groups_removed=sum(kv), mlp_channels_removed=sum(ch), max_mlp_channels_removed=max(ch),
+                       layers_cut=sum(1 for a, b in zip(kv, ch) if a or b))
         if "train" in extra:  # loraprune: the training happened while pruning
             row.update(train_tokens=extra["train"]["budget"]["tokens"], train_loss_last=extra["train"]["loss_last"])
     if "params" in m:
@@ -218,6 +225,7 @@ def main() -> None:
     ap.add_argument("--zeroshot", action="store_true", help="zero-shot scores for the final rows that lack them")
     ap.add_argument("--speed", action="store_true", help="size and speed against dense for rows that lack them")
     ap.add_argument("--repeats", type=int, default=5, help="--speed: interleaved repeats")
+    ap.add_argument("--reread", action="store_true", help="refill finished rows from their kept run directories")
     a = ap.parse_args()
     suite = SUITES[a.suite]
     cells = [c.strip() for c in (a.cells or ",".join(suite)).split(",") if c.strip()]
@@ -227,6 +235,11 @@ def main() -> None:
     for i, cell in enumerate(cells, 1):
         row = RESULTS.load().get(cell)
         done = row is not None and row.get("status") == "ok"
+        if a.reread:
+            if done and (WORK / cell / "run" / "metrics.json").exists():
+                RESULTS.save(read_run(WORK / cell / "run", dict(row)))
+                print(f"[{i}/{len(cells)}] {cell}: re-read", flush=True)
+            continue
         if a.zeroshot or a.speed:
             if done and a.zeroshot and row.get("final") and "zeroshot" not in row:
                 print(f"[{i}/{len(cells)}] {cell}: zero-shot ...", flush=True)

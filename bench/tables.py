@@ -221,16 +221,19 @@ def training(results: Path) -> list[str]:
     order = {"dense": 0, "llm-pruner": 1, "loraprune": 2}
     rows = sorted((r for r in rows if r.get("status") == "ok"),
                   key=lambda r: (r["ratio"], not r.get("final"), order.get(r["method"], 9), r["key"]))
-    out = ["| cell | method | options | ratio | achieved | WikiText-2 | PTB | tokens trained | prune + train s | "
-           "prune-stage peak RSS MiB | date |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| cell | method | options | ratio | achieved | WikiText-2 | PTB | KV groups / MLP channels removed "
+           "(most channels in one layer) | tokens trained | prune + train s | prune-stage peak RSS MiB | date |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         opts = ", ".join(f"{k}: {v}" for k, v in r.get("options", {}).items()) or "—"
         secs = f"{(r.get('prune_s') or 0) + (r.get('recover_s') or 0):.0f}" if r["method"] != "dense" else "—"
         ach = f"{r['ratio_achieved']:.4f}" if "ratio_achieved" in r else "—"
         tok = f"{r['train_tokens']:,}" if r.get("train_tokens") else "—"
         peak = f"{r['prune_peak_mib']:,.0f}" if "prune_peak_mib" in r else "—"
+        cut = (f"{r['kv_groups_removed']} / {r['mlp_channels_removed']:,} ({r['max_mlp_channels_removed']:,})"
+               if "kv_groups_removed" in r else "—")
         out.append(f"| `{r['key']}` | {r['method']} | {opts} | {r['ratio']:g} | {ach} | {_ppl(r['wikitext2'])} | "
-                   f"{_ppl(r['ptb'])} | {tok} | {secs} | {peak} | {r['date']} |")
+                   f"{_ppl(r['ptb'])} | {cut} | {tok} | {secs} | {peak} | {r['date']} |")
     p = rows[0]["protocol"] if rows else {}
     if p:
         t = p["train"]
