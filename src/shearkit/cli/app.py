@@ -9,8 +9,8 @@ from .._version import __version__
 
 app = typer.Typer(
     name="shearkit",
-    help="Prune large language models (LLM-Pruner, Wanda, SparseGPT, BESA and magnitude; "
-         "`shearkit list` names them), recover them with LoRA, and evaluate them.\n\nThe model (first argument) is a built-in name (smollm2-135m), a "
+    help="Prune large language models (LoRAPrune, LLM-Pruner, FlexiGPT, ShortGPT, Wanda, SparseGPT, BESA and "
+         "magnitude; `shearkit list` names them), recover them with LoRA, and evaluate them.\n\nThe model (first argument) is a built-in name (smollm2-135m), a "
          "local model directory, a .gguf file, or a Hugging Face hub id.",
     no_args_is_help=True,
     add_completion=False,
