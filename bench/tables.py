@@ -266,7 +266,7 @@ def blocks_training(results: Path) -> list[str]:
         tok = f"{r['train_tokens']:,}" if r.get("train_tokens") else "—"
         sp = r.get("speed")
         if sp:
-            size = f"{sp['params'] / 1e6:.1f} M | {sp['disk_bytes'] / 2**20:,.0f}"
+            size = f"{sp['params']['unique'] / 1e6:.1f} M | {sp['disk_bytes'] / 2**20:,.0f}"
             speed = (f"{sp['prefill_tok_s']:.0f} ({sp['prefill_tok_s'] / sp['prefill_tok_s_dense']:.2f}) | "
                      f"{sp['decode_tok_s']:.1f} ({sp['decode_tok_s'] / sp['decode_tok_s_dense']:.2f})")
         else:
