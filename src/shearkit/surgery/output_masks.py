@@ -20,7 +20,7 @@ from ..graph.removal import removal_map
 from ..plan import Plan
 
 
-def _owner(name: str) -> str | None:
+def owner_of(name: str) -> str | None:
     """The hooked module for a tensor part: a peft layer's wrapper, or None for LoRA factors."""
     if ".lora_A." in name or ".lora_B." in name:
         return None
@@ -43,7 +43,7 @@ class StructuredMasks:
         m = self.model
         keep: dict[tuple[str, int], torch.Tensor] = {}
         for (name, dim), idx in removal_map(m, plan).items():
-            owner = _owner(name)
+            owner = owner_of(name)
             if owner is None or not idx:
                 continue
             mod = m.get_submodule(name)
@@ -51,8 +51,15 @@ class StructuredMasks:
             vec = torch.ones(size, dtype=mod.weight.dtype, device=mod.weight.device)
             vec[sorted(idx)] = 0
             keep[(owner, dim)] = vec
+        self.set_vectors(keep)
+
+    def set_vectors(self, keep: dict[tuple[str, int], torch.Tensor]) -> None:
+        """Scale (module, dim) outputs (dim 0) or inputs (dim 1) by the given vectors, replacing the
+        previous masks; the vectors are used by reference, so editing them in place (fractional
+        values too: LHSPG's decay) changes the forward at once."""
+        m = self.model
         self.remove()
-        self._keep = keep
+        self._keep = dict(keep)
         for (owner, dim), vec in keep.items():
             mod = m.get_submodule(owner)
             if dim == 0:
