@@ -288,3 +288,40 @@ def test_missing_sources_are_a_clear_error(chat_tok, sources, tmp_path):
     with pytest.raises(ShearkitError, match="dense reference lacks .*inst.json"):
         dynamic_recover(_peft(), chat_tok, _train_cfg(), cfg, train=train, heldout=heldout, dense=dense,
                         root=None)
+
+
+def test_instruction_heldout_scores_the_response_tokens_only(chat_tok, sources):
+    """The held-out perplexity of instruction examples is that of their labelled (response) tokens."""
+    from shearkit.recovery.data import IGNORE, collate
+    from shearkit.recovery.dynamic import source_nll
+
+    _, _, heldout, _ = _setup(chat_tok, sources)
+    held = heldout[sources["inst"]]
+    model = make_tiny("llama")
+    nll, n = source_nll(model, held, pad=0, batch_size=2)
+    total, count = 0.0, 0
+    for i in range(len(held)):  # one unpadded example at a time
+        b = collate(held, [i], pad=0)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=b["input_ids"]).logits[0, :-1].float(), -1)
+        for t, y in enumerate(b["labels"][0, 1:].tolist()):
+            if y != IGNORE:
+                total -= float(logp[t, y])
+                count += 1
+    assert n == count == sum(sum(t != IGNORE for t in lab[1:]) for lab in held.labels) > 0
+    assert count < sum(len(x) - 1 for x in held.input_ids)  # prompts are not scored
+    assert nll == pytest.approx(total, rel=1e-5)
+
+
+def test_real_sources_with_reserved_parts(tiny_tokenizer, data_dir):
+    """The local c4 and alpaca cut as the LoRAShear pipeline asks: a calibration part reserved, held-out
+    slices, the rest for training; sizes stated in the record."""
+    train, heldout, reserved = build_sources(tiny_tokenizer, [["c4"], ["alpaca"]], seqlen=512, heldout_windows=4,
+                                             heldout_seqlen=64, heldout_examples=16, reserve={"c4": {"calib": 2048}},
+                                             seed=0, data_dir=data_dir)
+    assert list(train.ranges) == ["c4", "alpaca"] and train.data.mode == "mixed"
+    assert heldout["c4"].shape == (4, 64) and 0 < len(heldout["alpaca"]) <= 16
+    assert reserved["c4"]["calib"].record["tokens"] >= 2048 and reserved["alpaca"] == {}
+    rec = train.records["c4"]["partition"]
+    assert rec["heldout"] == "4 windows x 64 tokens" and set(rec["parts"]) == {"calib", "heldout", "rest"}
+    assert train.records["alpaca"]["partition"]["parts"]["heldout"] == "16 records"

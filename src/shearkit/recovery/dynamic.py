@@ -168,7 +168,7 @@ class DynamicMix(Callback):
         self.best: dict[str, float] = {}  # phase index -> lowest phase perplexity measured
         self.last: float | None = None  # the current phase's previous measurement
         self.loss_sum, self.loss_n = 0.0, 0
-        self.done = False
+        self.done: str | None = None  # why the last phase ended (training stops), once it has
 
     def _sources(self) -> list[str]:
         return list(self.cfg.phases[self.phase])
@@ -211,8 +211,8 @@ class DynamicMix(Callback):
         self._start_round(self._record(trainer, step, None), step)
 
     def on_train_begin(self, trainer: Trainer) -> None:
-        if self.done:  # a resumed run that had already converged trains no further
-            trainer.request_stop("converged")
+        if self.done:  # a resumed run whose last phase had already ended trains no further
+            trainer.request_stop(self.done)
         elif not self.rounds:
             self._start_phase(trainer, 0)
 
@@ -238,8 +238,8 @@ class DynamicMix(Callback):
             self.phase += 1
             self._start_phase(trainer, step)
         else:
-            self.done = True
-            trainer.request_stop("converged" if converged else "phase_steps")
+            self.done = rec["phase_end"]
+            trainer.request_stop(self.done)
 
     def on_train_end(self, trainer: Trainer, history: dict) -> None:
         if trainer.root is not None and trainer.acc.is_main_process and self.rounds:
@@ -257,7 +257,7 @@ class DynamicMix(Callback):
         self.phase, self.phase_start = int(state["phase"]), int(state["phase_start"])
         self.rounds, self.best = list(state["rounds"]), dict(state["best"])
         self.last, self.loss_sum, self.loss_n = state["last"], float(state["loss_sum"]), int(state["loss_n"])
-        self.done = bool(state["done"])
+        self.done = state["done"]
 
 
 def plot_mix(rounds: list[dict], path: str | os.PathLike) -> None:
@@ -329,7 +329,7 @@ def dynamic_recover(model, tokenizer, train_config: RecoverConfig, cfg: DynamicC
     history["rounds"] = mix.rounds
     history["mixture"] = {"config": cfg.to_dict(), "dense_ppl": dict(dense), "sources": train.records,
                           "drawn": sampler.drawn(trainer.step), "phase_reached": mix.phase,
-                          "converged": mix.done and history.get("stopped") == "converged"}
+                          "best_phase_ppl": dict(mix.best), "converged": mix.done == "converged"}
     if root is not None and trainer.acc.is_main_process and mix.rounds:
         base = Path(root).parent
         history["mix_plot"] = (Path(root) / "mix.png").relative_to(base).as_posix()
