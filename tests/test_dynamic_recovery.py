@@ -120,6 +120,17 @@ def test_mix_weights_follow_degradation_with_a_floor():
         DynamicConfig(phases=[["c4"], ["c4"]])
 
 
+def test_config_parses_without_torch():
+    """A recipe section can be built from DynamicConfig without loading the training stack."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom shearkit.recovery.dynamic_config import DynamicConfig\n"
+            "DynamicConfig(phases=[['c4'], ['alpaca']])\nassert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
 # -- end to end on a tiny model --------------------------------------------------------------------------
 
 TEXTS = {
