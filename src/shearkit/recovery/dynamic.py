@@ -222,12 +222,13 @@ class DynamicMix(Callback):
 
 
 def plot_mix(rounds: list[dict], path: str | os.PathLike) -> None:
-    """Per-round mixture weights (top) and held-out perplexity relative to dense (bottom), phases shaded."""
+    """Per round: the mixture weights, held-out perplexity relative to the dense model, and the round's
+    mean training loss; a dashed line where a phase ends."""
     from ..io.atomic import atomic_file
-    from ..report.plots import _figure
+    from ..report.plots import _figure, _short
 
-    fig = _figure(8.0, 5.5)
-    top, bottom = fig.subplots(2, 1, sharex=True)
+    fig = _figure(8.0, 7.0)
+    top, middle, bottom = fig.subplots(3, 1, sharex=True, height_ratios=[3, 3, 2])
     sources = list(dict.fromkeys(s for r in rounds for s in r["ppl"]))
     colors = {s: f"C{i}" for i, s in enumerate(sources)}
     set_at = [r for r in rounds if r["weights"]]
@@ -237,22 +238,25 @@ def plot_mix(rounds: list[dict], path: str | os.PathLike) -> None:
         for r, nxt in zip(set_at, set_at[1:] + [None]):
             xs += [r["step"], nxt["step"] if nxt else last_step]
             ys += [r["weights"].get(s, 0.0)] * 2
-        top.plot(xs, ys, color=colors[s], lw=1.5, label=s)
+        top.plot(xs, ys, color=colors[s], lw=1.5, label=_short(s))
         pts = [(r["step"], r["ppl"][s] / r["dense_ppl"][s]) for r in rounds if s in r["ppl"]]
-        bottom.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, color=colors[s], label=s)
+        middle.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, color=colors[s])
+    losses = [(r["step"], r["loss"]) for r in rounds if r["loss"] is not None]
+    bottom.plot([p[0] for p in losses], [p[1] for p in losses], "s-", ms=3, color="#333333")
     for r in rounds:
         if r.get("phase_end"):
-            for ax in (top, bottom):
+            for ax in (top, middle, bottom):
                 ax.axvline(r["step"], color="#888888", ls="--", lw=1)
     top.set_ylabel("mixture weight")
     top.set_ylim(0, 1.02)
     top.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    bottom.axhline(1.0, color="#555555", lw=0.8)
-    bottom.set_ylabel("held-out ppl / dense")
+    middle.axhline(1.0, color="#555555", lw=0.8)
+    middle.set_ylabel("held-out ppl / dense")
+    bottom.set_ylabel("round's train loss")
     bottom.set_xlabel("optimizer step (dashed: a phase ends)")
-    for ax in (top, bottom):
+    for ax in (top, middle, bottom):
         ax.grid(alpha=0.3)
-    top.set_title("dynamic knowledge recovery: mixture weights and held-out perplexity per round", fontsize=10)
+    top.set_title("dynamic knowledge recovery: mixture weights, held-out perplexity and loss per round", fontsize=10)
     with atomic_file(path) as tmp:
         fig.savefig(tmp)
 
