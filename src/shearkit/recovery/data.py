@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import DATASETS, load_instructions, load_rows, tokenize_stream
+from ..data import DATASETS, TextRows, load_instructions, load_rows, tokenize_stream
 from ..errors import ShearkitError, unknown
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
@@ -96,7 +96,12 @@ def _text_data(tokenizer, data: str, seqlen: int, split: str | None, data_dir) -
         if split not in ds.splits:
             raise ShearkitError(f"Data set '{data}' has no '{split}' split to train on (splits: "
                                 f"{', '.join(ds.splits)}); use recover.data c4 or wiki.")
-    rows = load_rows(data, split, data_dir)
+    return text_examples(tokenizer, load_rows(data, split, data_dir), seqlen)
+
+
+def text_examples(tokenizer, rows: TextRows, seqlen: int) -> TrainData:
+    """Rows packed into disjoint windows of `seqlen` tokens (every token labelled)."""
+    data = rows.record.get("dataset", "the text")
     ids = tokenize_stream(tokenizer, rows.text)
     n = ids.numel() // seqlen
     if n == 0:
@@ -108,7 +113,11 @@ def _text_data(tokenizer, data: str, seqlen: int, split: str | None, data_dir) -
 
 
 def _instruction_data(tokenizer, data: str, seqlen: int, data_dir) -> TrainData:
-    recs = load_instructions(data, data_dir)
+    return instruction_examples(tokenizer, load_instructions(data, data_dir), seqlen, data)
+
+
+def instruction_examples(tokenizer, recs: list[dict], seqlen: int, data: str) -> TrainData:
+    """Instruction records as examples labelled on their responses only (`data` names them in the record)."""
     chat = bool(getattr(tokenizer, "chat_template", None))
     input_ids, labels, skipped = [], [], 0
     for rec in recs:
