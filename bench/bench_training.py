@@ -12,7 +12,10 @@ Protocol (recorded with every row): SmolLM2-135M, B = 131,072 training tokens = 
 examples are padded per batch, so the tokens actually seen are fewer and recorded), Alpaca, LoRA
 r 8 / alpha 16 / dropout 0.05 on the seven projections, lr 2e-4 (cosine, 5% warm-up), seed 0.
 LLM-Pruner takes its gradients on 16 calibration windows of 512 tokens of C4 (not training) and then
-recovers with LoRA for the whole budget; LoRAPrune prunes while it trains on the same budget.
+recovers with LoRA for the whole budget; LoRAPrune prunes while it trains on the same budget;
+LoRAShear spends half the budget on LHSPG (on c4 + wiki) and half on its dynamic recovery (c4 + wiki,
+then Alpaca, re-weighted by measured degradation), its knowledge-distribution trials on held-out wiki
+windows; its ablations at 20%: no knowledge distribution (gamma 0), a fixed mix, the decay variant.
 Primary figure: perplexity on WikiText-2 and PTB (seqlen 512, first 40 windows); zero-shot (piqa,
 hellaswag, arc_easy, winogrande, first 500 examples, with standard errors) only for the final rows.
 
@@ -62,6 +65,11 @@ CELLS: dict[str, tuple[str, float, dict, bool]] = {
     "loraprune-r0.5": ("loraprune", 0.5, {}, True),
     "loraprune-r0.2-noema": ("loraprune", 0.2, {"ema": 0.0}, False),
     "loraprune-r0.2-uniform": ("loraprune", 0.2, {"allocation": "uniform"}, False),
+    "lorashear-r0.2": ("lorashear", 0.2, {}, True),
+    "lorashear-r0.5": ("lorashear", 0.5, {}, True),
+    "lorashear-r0.2-gamma0": ("lorashear", 0.2, {"gamma": 0.0}, False),
+    "lorashear-r0.2-fixed-mix": ("lorashear", 0.2, {"dynamic": {"adaptive": False}}, False),
+    "lorashear-r0.2-decay": ("lorashear", 0.2, {"variant": "decay"}, False),
 }
 BLOCK_CELLS: dict[str, tuple[str, float, dict, bool]] = {
     "shortgpt-b9": ("shortgpt", 9, {}, False),
@@ -125,6 +133,9 @@ def recipe(cell: str) -> dict:
         r["recover"] = dict(TRAIN)
     elif method == "loraprune":
         r["prune"] = {"method": method, "ratio": ratio, "train": dict(TRAIN), **opts}
+    elif method == "lorashear":  # the budget split in half: LHSPG, then dynamic recovery (its own data mix)
+        half = {k: v for k, v in TRAIN.items() if k not in ("data", "seed")} | {"steps": STEPS // 2}
+        r["prune"] = {"method": method, "ratio": ratio, "train": dict(half), "recovery": dict(half), **opts}
     return r
 
 
@@ -176,6 +187,10 @@ def read_run(run: Path, row: dict) -> dict:
                        layers_cut=sum(1 for a, b in zip(kv, ch) if a or b))
         if "train" in extra:  # loraprune: the training happened while pruning
             row.update(train_tokens=extra["train"]["budget"]["tokens"], train_loss_last=extra["train"]["loss_last"])
+        if "lhspg" in extra:  # lorashear: LHSPG training, then its own recovery
+            stages = [extra["lhspg"]["train"], extra["recovery"]["train"]]
+            row.update(train_tokens=sum(t["budget"]["tokens"] for t in stages), train_loss_last=stages[1]["loss_last"],
+                       unprunable=extra.get("unprunable"), recovery_rounds=extra["recovery"]["rounds"])
     if "params" in m:
         row["params"] = m["params"]
     return row

@@ -77,8 +77,12 @@ def trial_entry(model: nn.Module, layer: int, kind: str, trial_ratio: float, pro
 def analyze(model: nn.Module, tokenizer, ratio: float, *, trial_ratio: float = 0.5, proxy: str = "magnitude",
             gamma: float = DEFAULT_GAMMA, windows: int = 8, seqlen: int = 512, dataset: str = "wiki",
             calib: str = "c4", calib_samples: int = 8, round_to: int = 8, seed: int = 0,
-            data_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
+            data_dir: str | os.PathLike | None = None, progress: bool = True,
+            heldout: torch.Tensor | None = None, calib_windows: torch.Tensor | None = None) -> dict[str, Any]:
     """Measure every node group's sensitivity and derive per-structure targets reaching `ratio`.
+
+    `heldout` / `calib_windows`: windows the caller drew itself (LoRAShear draws every slice of its
+    data from disjoint partitions); then `dataset` / `calib` only name where they came from.
 
     Returns the sensitivity record (`write_sensitivity` saves it): the protocol, the dense held-out
     perplexity, one entry per node group (layer, kind, units zeroed, ppl, deviation, relative
@@ -101,9 +105,14 @@ def analyze(model: nn.Module, tokenizer, ratio: float, *, trial_ratio: float = 0
     m = unwrap(model)
     nodes = node_units(m, round_to)
     total = block_params(m)
-    held, cal = heldout_and_calib(tokenizer, dataset=dataset, windows=windows, seqlen=seqlen,
-                                  calib=calib if proxy == "taylor" else None, calib_samples=calib_samples,
-                                  seed=seed, data_dir=data_dir)
+    if heldout is not None:
+        if proxy == "taylor" and calib_windows is None:
+            raise ShearkitError("The taylor proxy needs calibration windows beside the given held-out windows.")
+        held, cal = heldout, (calib_windows if proxy == "taylor" else None)
+    else:
+        held, cal = heldout_and_calib(tokenizer, dataset=dataset, windows=windows, seqlen=seqlen,
+                                      calib=calib if proxy == "taylor" else None, calib_samples=calib_samples,
+                                      seed=seed, data_dir=data_dir)
     stats = None
     if proxy == "taylor":
         from ..importance import collect_stats
@@ -165,7 +174,12 @@ def deviation_series(path: str | os.PathLike) -> dict[str, list[float]] | None:
     import json
     from pathlib import Path
 
-    nodes = json.loads(Path(path).read_text()).get("nodes")
+    return deviation_series_of(json.loads(Path(path).read_text()))
+
+
+def deviation_series_of(record: dict[str, Any]) -> dict[str, list[float]] | None:
+    """`deviation_series` of a sensitivity record already in memory."""
+    nodes = record.get("nodes") if isinstance(record, dict) else None
     if not isinstance(nodes, list) or not nodes:
         return None
     layers = 1 + max(int(n["layer"]) for n in nodes)

@@ -31,9 +31,10 @@ def _check_parts(parts: dict[str, int], unit: str) -> None:
         raise ShearkitError(f"Every part needs a whole number of {unit} >= 0; got {bad}.")
 
 
-def _assign(sizes: list[int], order: list[int], parts: dict[str, int]) -> dict[str, list[int]]:
-    """Hand items (in `order`) to the parts in turn until each holds `parts[name]` units (item i
-    weighs `sizes[i]`); returns {part: item indices, "rest": the items left}."""
+def _assign(size, order: list[int], parts: dict[str, int], rest_limit: int | None = None) -> dict[str, list[int]]:
+    """Hand items (in `order`) to the parts in turn until each holds `parts[name]` units (`size(pos)`:
+    the weight of the item at position `pos` of `order`); returns {part: item indices, "rest": the
+    items left, or with `rest_limit` only the first ones holding at least that many units}."""
     out: dict[str, list[int]] = {}
     pos = 0
     for name, need in parts.items():
@@ -42,10 +43,18 @@ def _assign(sizes: list[int], order: list[int], parts: dict[str, int]) -> dict[s
         got, idx = 0, []
         while got < need and pos < len(order):
             idx.append(order[pos])
-            got += sizes[order[pos]]
+            got += size(pos)
             pos += 1
         out[name] = idx
-    out[REST] = order[pos:]
+    if rest_limit is None:
+        out[REST] = order[pos:]
+        return out
+    got, idx = 0, []
+    while got < rest_limit and pos < len(order):
+        idx.append(order[pos])
+        got += size(pos)
+        pos += 1
+    out[REST] = idx
     return out
 
 
@@ -68,28 +77,41 @@ def _text_rows(name: str, split: str | None, data_dir) -> TextRows:
 
 
 def partition_rows(tokenizer, name: str, parts: dict[str, int], *, seed: int = 0, split: str | None = None,
-                   data_dir: str | os.PathLike | None = None) -> dict[str, TextRows]:
+                   data_dir: str | os.PathLike | None = None, rest_limit: int | None = None) -> dict[str, TextRows]:
     """Split a text set's rows into disjoint parts of at least `parts[part]` tokens each, plus "rest".
 
     `parts` maps part names to the tokens each needs (in the order the parts are filled); a
-    "rest" entry there is the least the remainder must hold. Each part's record says which set,
-    part, seed, rows and tokens it holds.
+    "rest" entry there is the least the remainder must hold; `rest_limit` caps the remainder at
+    the first rows holding that many tokens (the others are left out: a training budget needs no
+    more, and rows are only tokenised as far as they are handed out). Each part's record says
+    which set, part, seed, rows and tokens it holds.
 
     Raises:
         ShearkitError: the set holds too little text for the parts, or a part size is invalid.
     """
     _check_parts(parts, "tokens")
     rows = _text_rows(name, split, data_dir)
-    keep = [i for i, r in enumerate(rows.rows) if r.strip()]
-    texts = [rows.rows[i] for i in keep]
-    sizes = [len(ids) for ids in tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]]
-    what = f"Data set '{name}' ({len(texts):,} rows)"
-    assigned = _assign(sizes, _order(len(texts), seed), parts)
+    texts = [r for r in rows.rows if r.strip()]
+    order = _order(len(texts), seed)
+    sizes: list[int] = []
+
+    def size(pos: int) -> int:  # tokenised in chunks, in hand-out order, as far as needed
+        while pos >= len(sizes):
+            chunk = [texts[i] for i in order[len(sizes): len(sizes) + 512]]
+            sizes.extend(len(ids) for ids in tokenizer(chunk, add_special_tokens=False,
+                                                       return_attention_mask=False)["input_ids"])
+        return sizes[pos]
+
+    if rest_limit is not None:
+        rest_limit = max(rest_limit, parts.get(REST, 0))
+    assigned = _assign(size, order, parts, rest_limit)
+    at = {i: pos for pos, i in enumerate(order)}
     out: dict[str, TextRows] = {}
     for part, idx in assigned.items():
-        got = sum(sizes[i] for i in idx)
+        got = sum(size(at[i]) for i in idx)
         if got < parts.get(part, 0):
-            raise _shortfall(what, parts, sum(sizes), "tokens")
+            total = sum(size(p) for p in range(len(order)))
+            raise _shortfall(f"Data set '{name}' ({len(texts):,} rows)", parts, total, "tokens")
         out[part] = TextRows([texts[i] for i in sorted(idx)], rows.joiner,
                              {**rows.record, "part": part, "seed": seed, "rows": len(idx), "tokens": got,
                               "parts": dict(parts)})
@@ -110,12 +132,14 @@ def windows(tokenizer, rows: TextRows, n: int, seqlen: int) -> torch.Tensor:
 
 
 def partition_records(name: str, parts: dict[str, int], *, seed: int = 0,
-                      data_dir: str | os.PathLike | None = None) -> dict[str, list[dict]]:
+                      data_dir: str | os.PathLike | None = None, rest_limit: int | None = None) -> dict[str, list[dict]]:
     """Split an instruction set's records into disjoint parts of `parts[part]` records each, plus "rest"
-    (a "rest" entry in `parts` is the least the remainder must hold)."""
+    (a "rest" entry in `parts` is the least the remainder must hold; `rest_limit` caps it)."""
     _check_parts(parts, "records")
     recs = load_instructions(name, data_dir)
     if sum(parts.values()) > len(recs):
         raise _shortfall(f"Instruction set '{name}'", parts, len(recs), "records")
-    assigned = _assign([1] * len(recs), _order(len(recs), seed), parts)
+    if rest_limit is not None:
+        rest_limit = max(rest_limit, parts.get(REST, 0))
+    assigned = _assign(lambda pos: 1, _order(len(recs), seed), parts, rest_limit)
     return {part: [recs[i] for i in sorted(idx)] for part, idx in assigned.items()}

@@ -43,6 +43,7 @@ _MODULES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
     "structured-magnitude": ("shearkit.methods.structured_magnitude", "structured", "Structured pruning by group weight magnitude (heads / KV groups, MLP channels).", ALL_FAMILIES),
     "llm-pruner": ("shearkit.methods.llm_pruner", "structured", "LLM-Pruner: structured pruning by first-order Taylor importance (calibration gradients).", ALL_FAMILIES),
     "loraprune": ("shearkit.methods.loraprune", "structured", "LoRAPrune: structured pruning during LoRA training, importance from the LoRA gradients.", ALL_FAMILIES),
+    "lorashear": ("shearkit.methods.lorashear", "structured", "LoRAShear: knowledge distribution, LHSPG progressive structured pruning over LoRA, dynamic knowledge recovery.", ALL_FAMILIES),
     "shortgpt": ("shearkit.methods.shortgpt", "blocks", "ShortGPT: remove the decoder blocks with the lowest Block Influence (1 - cos(input, output)).", ALL_FAMILIES),
     "flexigpt": ("shearkit.methods.flexigpt", "blocks", "FlexiGPT: replace the lowest-BI blocks by weight-shared copies of kept blocks with low-rank adapters and output norms, then train those.", ("llama",)),
     "magnitude": ("shearkit.methods.magnitude", "unstructured", "Magnitude: per-layer |W| threshold, unstructured or N:M", ALL_FAMILIES),

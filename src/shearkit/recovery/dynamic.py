@@ -163,7 +163,8 @@ class DynamicMix(Callback):
         return rec
 
     def _start_round(self, rec: dict, step: int) -> None:
-        weights = mix_weights(rec["degradation"], self.cfg.floor)
+        degradation = rec["degradation"] if self.cfg.adaptive else {s: 0.0 for s in rec["degradation"]}
+        weights = mix_weights(degradation, self.cfg.floor)  # all zero: equal shares
         self.sampler.set_weights(step, weights)
         rec["weights"] = {s: weights.get(s, 0.0) for s in self.sampler.sources}
 
@@ -303,10 +304,13 @@ def dynamic_recover(model, tokenizer, train_config: RecoverConfig, cfg: DynamicC
 
 def build_sources(tokenizer, phases: Sequence[Sequence[str]], *, seqlen: int, heldout_windows: int,
                   heldout_seqlen: int, heldout_examples: int, reserve: dict[str, dict[str, int]] | None = None,
-                  seed: int = 0, data_dir=None) -> tuple[MixtureData, dict[str, object], dict[str, dict]]:
+                  seed: int = 0, data_dir=None,
+                  train_examples: int | None = None) -> tuple[MixtureData, dict[str, object], dict[str, dict]]:
     """Cut every source into disjoint slices: extra `reserve` parts (tokens for text sets, records for
     instruction sets; e.g. {"wiki": {"analysis": 4096}}), a held-out slice, and the training rest.
 
+    `train_examples` caps each source's training rest at that many examples (windows of `seqlen`,
+    or records): the most a budget can draw from one source; None keeps every row left over.
     Returns (training mixture, {source: held-out windows or instruction examples}, {source: {part:
     TextRows or records}}). A reserved source need not be trained on.
     """
@@ -324,13 +328,15 @@ def build_sources(tokenizer, phases: Sequence[Sequence[str]], *, seqlen: int, he
     for s in sources:
         extra = dict(reserve.get(s, {}))
         if resolve_mode(s) == "instruction":
-            parts = partition_records(s, {**extra, HELDOUT: heldout_examples, REST: 1}, seed=seed, data_dir=data_dir)
+            parts = partition_records(s, {**extra, HELDOUT: heldout_examples, REST: 1}, seed=seed, data_dir=data_dir,
+                                      rest_limit=train_examples)
             held = instruction_examples(tokenizer, parts[HELDOUT], seqlen, s)
             rest = instruction_examples(tokenizer, parts[REST], seqlen, s) if s in trained else None
             sizes = {k: f"{len(v)} records" for k, v in parts.items()}
         else:
             parts = partition_rows(tokenizer, s, {**extra, HELDOUT: heldout_windows * heldout_seqlen, REST: seqlen},
-                                   seed=seed, data_dir=data_dir)
+                                   seed=seed, data_dir=data_dir,
+                                   rest_limit=None if train_examples is None else train_examples * seqlen)
             held = windows(tokenizer, parts[HELDOUT], heldout_windows, heldout_seqlen)
             rest = text_examples(tokenizer, parts[REST], seqlen) if s in trained else None
             sizes = {k: f"{v.record['tokens']:,} tokens in {v.record['rows']} rows" for k, v in parts.items()}

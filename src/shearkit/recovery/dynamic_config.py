@@ -18,6 +18,7 @@ class DynamicConfig:
     round_steps: int = 16  # optimizer steps per round; the mix is re-weighted at every round's start
     floor: float = 0.1  # share of the mix spread uniformly: each phase source gets >= floor / len(phase)
     tolerance: float = 0.01  # a phase ends when its held-out ppl improves by less than this (relative)
+    adaptive: bool = True  # False: equal shares within each phase, whatever the degradation (an ablation)
     phase_steps: list[int] | None = None  # cap on each phase's steps, checked at round ends (None: until converged)
     heldout_windows: int = 8  # held-out windows per text source ...
     heldout_seqlen: int = 256  # ... of this many tokens
