@@ -46,7 +46,8 @@ def test_the_whole_pipeline_reaches_the_target(tiny_tokenizer, data_dir, tmp_pat
                                       for k in kept)
     assert lh["train"]["steps_done"] == 6 and plan.extra["recovery"]["rounds"]
     for f in ("lorashear/knowledge_distribution.json", "lorashear/knowledge_distribution.png",
-              "lorashear/dense_reference.json", "lhspg/train_log.jsonl", "recovery/train_log.jsonl"):
+              "lorashear/dense_reference.json", "lhspg/train_log.jsonl", "dynamic-recovery/train_log.jsonl",
+              "dynamic-recovery/mix.png"):
         assert (tmp_path / f).is_file(), f
     ids = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -130,9 +131,21 @@ def test_command_line(tiny_model_dir, tmp_path, data_dir):
             "dynamic.heldout_windows": 2, "dynamic.heldout_seqlen": 16, "dynamic.heldout_examples": 2}
     for k, v in sets.items():
         args += ["--set", f"prune.{k}={v}"]
+    args += ["--recover", "1", "--set", "recover.seqlen=256", "--set", "recover.batch_size=1",
+             "--set", "recover.save_every=1", "--set", "prune.train.save_every=2",
+             "--set", "prune.recovery.save_every=1"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     plan = json.loads((out / "plan.json").read_text())
     assert plan["method"] == "lorashear" and plan["ratio_achieved"] >= 0.25
     model, _ = shearkit.load(out / "model", device="cpu")
-    assert model is not None
+    assert (out / "dynamic-recovery" / "mix.json").is_file() and (out / "recovery" / "train_log.jsonl").is_file()
+    # --resume on the finished run: every stage finds its last checkpoint; the same plan and weights
+    again = CliRunner().invoke(app, [*args, "--resume"])
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "plan.json").read_text())["layers"] == plan["layers"]
+    model2, _ = shearkit.load(out / "model", device="cpu")
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    refused = CliRunner().invoke(app, [*args, "--resume", "--overwrite"])
+    assert refused.exit_code != 0 and "contradict" in str(refused.exception)

@@ -17,8 +17,9 @@ SAVE_FORMATS = ("dense", "compressed-tensors", "none")
 
 
 def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = False, dry_run: bool = False,
-                 command: str = "run", echo=print) -> dict[str, Any]:
-    """Execute a recipe and return its metrics (also written to `<run>/metrics.json`)."""
+                 command: str = "run", echo=print, resume: bool = False) -> dict[str, Any]:
+    """Execute a recipe and return its metrics (also written to `<run>/metrics.json`); `resume`
+    continues an interrupted run in `out` (its method's and its recovery's checkpoints)."""
     from . import api
     from .arch import get_adapter
     from .eval.speed import PeakMemory
@@ -37,7 +38,11 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
         raise ShearkitError("The recipe has neither a 'prune' nor a 'recover' section: nothing to run. "
                             "Add e.g. `prune: {method: llm-pruner, ratio: 0.2}`.")
     check_recipe_data(recipe)  # every data set the run reads, before a run directory or a model load
-    run = RunDir(out or recipe.top.get("out"), command, overwrite, inputs=recipe_inputs(recipe))
+    run = RunDir(out or recipe.top.get("out"), command, overwrite, reuse=resume, inputs=recipe_inputs(recipe))
+    if resume and (run.path / "model").exists():  # the resumed run replaces its own saved model, never an input
+        from .io.guard import refuse_unsafe_removal
+
+        refuse_unsafe_removal(run.path / "model", recipe_inputs(recipe))
     metrics: dict[str, Any] = {"model": recipe.model.name}
     with run:
         run.write_recipe(recipe)
@@ -66,7 +71,8 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
             t0 = time.perf_counter()
             with PeakMemory(device) as pm:
                 # a method that trains keeps its logs and checkpoints in the run directory
-                plan = prune(model, tok, pcfg, calib=tokens, dry_run=dry_run, data_dir=data_dir, run_dir=run.path)
+                plan = prune(model, tok, pcfg, calib=tokens, dry_run=dry_run, data_dir=data_dir, run_dir=run.path,
+                             resume=resume)
             metrics["prune"] = {"method": plan.method, "kind": plan.kind, "ratio_target": plan.ratio_target,
                                 "ratio_achieved": plan.ratio_achieved, "wall_s": time.perf_counter() - t0,
                                 "peak_memory_bytes": pm.peak, "peak_memory_kind": "cuda_max_allocated"
@@ -90,13 +96,13 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
             t0 = time.perf_counter()
             # a sparse model keeps its zeros: LoRA is trained and merged under the plan's masks
             model, history = recover(model, tok, rcfg, teacher=teacher, out_dir=run.path, data_dir=data_dir,
-                                     masks=plan if plan is not None else "auto")
+                                     masks=plan if plan is not None else "auto", resume=resume)
             metrics["recover"] = {**_plain(history), "wall_s": time.perf_counter() - t0}
         step("evaluating and saving")
         metrics["tasks"] = evaluate(model)
         metrics["params"] = get_adapter(model).param_counts()
         if save_format != "none":
-            _save_model(model, tok, run, plan, metrics, save_format)
+            _save_model(model, tok, run, plan, metrics, save_format, overwrite=resume)
         run.write_metrics(metrics)
         echo(f"run directory: {run.path}")
         return {**metrics, "run_dir": str(run.path)}
@@ -122,12 +128,12 @@ def _plain(history: Any) -> dict:
     return {"history": str(history)}
 
 
-def _save_model(model, tok, run: RunDir, plan, metrics: dict, save_format: str) -> None:
+def _save_model(model, tok, run: RunDir, plan, metrics: dict, save_format: str, overwrite: bool = False) -> None:
     from .io.save import save
 
     if save_format == "compressed-tensors":
         from .io.sparse_export import save_compressed
 
-        save_compressed(model, tok, run.path / "model", plan=plan)
+        save_compressed(model, tok, run.path / "model", plan=plan, overwrite=overwrite)
     else:
-        save(model, tok, run.path / "model", plan=plan, metrics=metrics)
+        save(model, tok, run.path / "model", plan=plan, metrics=metrics, overwrite=overwrite)

@@ -166,7 +166,7 @@ class RunDir:
             if unfinished:
                 raise ShearkitError(f"Run directory {self.path} holds an unfinished {marker.get('command')} run "
                                     f"({marker.get('status')}) with results in it; pass --overwrite to replace it, "
-                                    "--resume to continue it (recover), or choose another --out.")
+                                    "--resume to continue it (prune, run, recover), or choose another --out.")
             raise ShearkitError(f"Run directory {self.path} already exists and is not empty; "
                                 "choose another --out or pass --overwrite.")
         refuse_unsafe_removal(self.path, inputs)

@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from .app import (CACHE_OPT, DATA_OPT, DEVICE_OPT, DTYPE_OPT, MODEL_ARG, MODEL_OPT, OUT_OPT, OVERWRITE_OPT,
-                  RECIPE_OPT, SET_OPT, TRUST_OPT, app, model_section, pick_model, print_table)
+                  RECIPE_OPT, SET_OPT, TRUST_OPT, app, check_resume_flags, model_section, pick_model, print_table)
 from .core import metric_rows
 
 plan_app = typer.Typer(help="Inspect pruning plans.", no_args_is_help=True)
@@ -45,6 +45,8 @@ def prune_cmd(
     device: str = DEVICE_OPT, dtype: str = DTYPE_OPT, cache_dir: Optional[str] = CACHE_OPT,
     data_dir: Optional[str] = DATA_OPT, out: Optional[str] = OUT_OPT, overwrite: bool = OVERWRITE_OPT,
     recipe: Optional[str] = RECIPE_OPT, set_: Optional[List[str]] = SET_OPT, trust_remote_code: bool = TRUST_OPT,
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out: a method that trains "
+                                "(loraprune, flexigpt, lorashear) and recovery go on from their newest checkpoints."),
 ) -> None:
     """Prune a model, optionally recover it with LoRA, evaluate it and save it.
 
@@ -73,7 +75,8 @@ def prune_cmd(
     }
     if recover_steps is not None or recover_data is not None:
         extra["recover"] = {"steps": recover_steps, "data": recover_data}
-    _run(load_recipe(recipe, set_, extra=extra), out, overwrite, dry_run, "prune", as_json)
+    check_resume_flags(resume, overwrite, out)
+    _run(load_recipe(recipe, set_, extra=extra), out, overwrite, dry_run, "prune", as_json, resume)
 
 
 @app.command("run")
@@ -86,6 +89,8 @@ def run_cmd(
     as_json: bool = typer.Option(False, "--json"),
     device: str = DEVICE_OPT, dtype: str = DTYPE_OPT, data_dir: Optional[str] = DATA_OPT,
     out: Optional[str] = OUT_OPT, overwrite: bool = OVERWRITE_OPT, set_: Optional[List[str]] = SET_OPT,
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out: a method that trains "
+                                "(loraprune, flexigpt, lorashear) and recovery go on from their newest checkpoints."),
 ) -> None:
     """Run load -> prune -> recover -> evaluate -> report from a recipe (or --method/--ratio with defaults).
 
@@ -107,7 +112,8 @@ def run_cmd(
              "calib": {"data_dir": data_dir} if data_dir else None,
              "eval": {"data_dir": data_dir} if data_dir else None}
     r = load_recipe(recipe_path, set_, extra={k: v for k, v in extra.items() if v})
-    result = _run(r, out, overwrite, dry_run, "run", as_json)
+    check_resume_flags(resume, overwrite, out)
+    result = _run(r, out, overwrite, dry_run, "run", as_json, resume)
     if not dry_run:
         try:
             from ..report import write_report
@@ -117,11 +123,11 @@ def run_cmd(
         typer.echo(f"report: {paths}", err=True)
 
 
-def _run(recipe, out, overwrite, dry_run, command, as_json) -> dict:
+def _run(recipe, out, overwrite, dry_run, command, as_json, resume=False) -> dict:
     from ..pipeline import run_pipeline
 
     result = run_pipeline(recipe, out=out, overwrite=overwrite, dry_run=dry_run, command=command,
-                          echo=lambda s: typer.echo(s, err=True))
+                          echo=lambda s: typer.echo(s, err=True), resume=resume)
     plan = result.pop("plan", None)
     if as_json:
         typer.echo(json.dumps({k: v for k, v in result.items()}, indent=2, default=str))

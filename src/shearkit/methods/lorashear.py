@@ -286,7 +286,7 @@ class LoRAShear(StructuredMethod):
         set_seed(rcfg.seed)
         peft2 = get_peft_model(merged, lora_config(merged, cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules))
         rec_hist = dynamic_recover(peft2, ctx.tokenizer, rcfg, dcfg, train=mixture, heldout=heldout, dense=dense,
-                                   root=ctx.work_dir("recovery"), resume=ctx.resume)
+                                   root=ctx.work_dir("dynamic-recovery"), resume=ctx.resume)
         peft2.merge_and_unload()
 
         keep = ("steps_done", "loss_first", "loss_last", "time_s", "budget", "stopped")
@@ -298,6 +298,15 @@ class LoRAShear(StructuredMethod):
                          "train": {k: rec_hist.get(k) for k in keep}},
             "data": {"sources": mixture.records, "disjoint": True},
         })
+        # per-step / per-round series the run's report plots under "Method records"
+        rounds = rec_hist.get("rounds") or []
+        weighted = [r for r in rounds if r.get("weights")]
+        plan.extra["lhspg_loss_by_step"] = list(lhspg_hist.get("losses") or [])
+        if weighted:
+            plan.extra["recovery_mix_weights_by_round"] = {s: [r["weights"][s] for r in weighted]
+                                                           for s in weighted[0]["weights"]}
+        if rounds:
+            plan.extra["recovery_heldout_ppl_by_round"] = {"phase perplexity": [r["phase_ppl"] for r in rounds]}
         if record is not None:
             from ..analysis.sensitivity import deviation_series_of
 
