@@ -47,6 +47,17 @@ def test_text_parts_are_disjoint_cover_the_set_and_hold_their_tokens(tiny_tokeni
     assert got["rest"].record["rows"] == len(original) - got["analysis"].record["rows"] - got["heldout"].record["rows"]
 
 
+def test_a_capped_rest_keeps_the_other_parts_and_stays_disjoint(tiny_tokenizer, rows_file):
+    parts = {"analysis": 120, "heldout": 60}
+    full = partition_rows(tiny_tokenizer, str(rows_file), parts, seed=3)
+    capped = partition_rows(tiny_tokenizer, str(rows_file), parts, seed=3, rest_limit=50)
+    assert all(capped[k].rows == full[k].rows for k in parts)  # the cap changes only the remainder
+    rest = capped["rest"]
+    assert 50 <= rest.record["tokens"] == _tokens(tiny_tokenizer, rest.rows)
+    assert rest.record["tokens"] - max(_tokens(tiny_tokenizer, [r]) for r in rest.rows) < 50
+    assert set(rest.rows) < set(full["rest"].rows)
+
+
 def test_partition_is_fixed_by_the_seed(tiny_tokenizer, rows_file):
     parts = {"a": 100, "b": 50}
     one = partition_rows(tiny_tokenizer, str(rows_file), parts, seed=1)
@@ -89,6 +100,9 @@ def test_instruction_records_are_partitioned_by_record(tmp_path):
     assert got["heldout"] != partition_records(str(path), {"heldout": 8, "calib": 5}, seed=5)["heldout"]
     with pytest.raises(ShearkitError, match="inst.json.*40 records.*too few.*heldout 30"):
         partition_records(str(path), {"heldout": 30, "calib": 11})
+    capped = partition_records(str(path), {"heldout": 8, "calib": 5}, seed=4, rest_limit=10)
+    assert capped["heldout"] == got["heldout"] and len(capped["rest"]) == 10
+    assert {key(r) for r in capped["rest"]} < {key(r) for r in got["rest"]}
 
 
 def test_real_sets_partition_disjointly(tiny_tokenizer, data_dir):

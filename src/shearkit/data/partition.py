@@ -37,24 +37,20 @@ def _assign(size, order: list[int], parts: dict[str, int], rest_limit: int | Non
     items left, or with `rest_limit` only the first ones holding at least that many units}."""
     out: dict[str, list[int]] = {}
     pos = 0
-    for name, need in parts.items():
-        if name == REST:
-            continue
+
+    def take(need: int) -> list[int]:
+        nonlocal pos
         got, idx = 0, []
         while got < need and pos < len(order):
             idx.append(order[pos])
             got += size(pos)
             pos += 1
-        out[name] = idx
-    if rest_limit is None:
-        out[REST] = order[pos:]
-        return out
-    got, idx = 0, []
-    while got < rest_limit and pos < len(order):
-        idx.append(order[pos])
-        got += size(pos)
-        pos += 1
-    out[REST] = idx
+        return idx
+
+    for name, need in parts.items():
+        if name != REST:
+            out[name] = take(need)
+    out[REST] = order[pos:] if rest_limit is None else take(rest_limit)
     return out
 
 
