@@ -27,8 +27,10 @@ FlexiGPT's ablation at 9 blocks. `--speed` measures every kept model's size and 
 tokens/s against the dense model, each in its own child process, repeats interleaved.
 
 Each cell is one `shearkit run` in its own process (one torch thread), keeps its run directory under
-bench/out/training/<cell>/ (git-ignored), and merges its row into bench/results/training.jsonl as
-soon as it finishes, so the benchmark completes over several sittings.
+bench/out/training/<cell>/ (git-ignored), checkpoints its training every 16 steps, and merges its row
+into bench/results/training.jsonl as soon as it finishes; a cell stopped part-way (a sitting ended, the
+--budget ran out) continues from its checkpoints the next time it is run (`shearkit run --resume`), so
+the benchmark completes over several sittings.
 """
 from __future__ import annotations
 
@@ -99,6 +101,9 @@ def protocol(cell: str) -> dict:
     return BLOCK_PROTOCOL if suite_of(cell) == "blocks" else PROTOCOL
 
 
+SAVE_EVERY = 16  # training steps between a cell's checkpoints
+
+
 def block_recipe(cell: str) -> dict:
     """A block-suite cell's recipe (FlexiGPT's comparison on pretraining text)."""
     method, blocks, opts, _ = BLOCK_CELLS[cell]
@@ -123,7 +128,7 @@ def block_recipe(cell: str) -> dict:
 def recipe(cell: str) -> dict:
     """The run's recipe: the protocol above, one method."""
     if suite_of(cell) == "blocks":
-        return block_recipe(cell)
+        return resumable(block_recipe(cell))
     method, ratio, opts, _ = CELLS[cell]
     r: dict = {"model": {"name": PROTOCOL["model"], "device": "cpu", "dtype": "float32"}, "eval": EVAL,
                "eval_dense": False}
@@ -136,11 +141,21 @@ def recipe(cell: str) -> dict:
     elif method == "lorashear":  # the budget split in half: LHSPG, then dynamic recovery (its own data mix)
         half = {k: v for k, v in TRAIN.items() if k not in ("data", "seed")} | {"steps": STEPS // 2}
         r["prune"] = {"method": method, "ratio": ratio, "train": dict(half), "recovery": dict(half), **opts}
+    return resumable(r)
+
+
+def resumable(r: dict) -> dict:
+    """Checkpoint every training stage of a recipe every SAVE_EVERY steps, so a cell stopped by the end
+    of a sitting continues from there (`shearkit run --resume`) instead of starting again."""
+    for sec in (r.get("recover"), (r.get("prune") or {}).get("train"), (r.get("prune") or {}).get("recovery")):
+        if isinstance(sec, dict):
+            sec.setdefault("save_every", SAVE_EVERY)
     return r
 
 
-def run_cell(cell: str, budget_s: int) -> dict:
-    """Run one cell in a child process and return its row (status ok | failed | timeout)."""
+def run_cell(cell: str, budget_s: int, fresh: bool = False) -> dict:
+    """Run one cell in a child process and return its row (status ok | failed | timeout); an unfinished
+    run directory of the cell is resumed unless `fresh`."""
     out = WORK / cell
     out.mkdir(parents=True, exist_ok=True)
     rec = out / "recipe.yaml"
@@ -155,8 +170,13 @@ def run_cell(cell: str, budget_s: int) -> dict:
     if method == "dense":
         cmd = ["eval", PROTOCOL["model"], "--tasks", ",".join(EVAL["tasks"]), "--seqlen", str(EVAL["seqlen"]),
                "--limit", str(EVAL["limit"]), "--out", str(out / "run"), "--overwrite", "--device", "cpu"]
-    else:
-        cmd = ["run", str(rec), "--out", str(out / "run"), "--overwrite"]
+    else:  # an unfinished run of this cell (an earlier sitting ended) continues from its checkpoints
+        from shearkit.runs import read_marker
+
+        marker = read_marker(out / "run")
+        resume = marker is not None and marker.get("status") != "complete" and not fresh
+        row["resumed"] = resume
+        cmd = ["run", str(rec), "--out", str(out / "run"), "--resume" if resume else "--overwrite"]
     err = run_shearkit(cmd, budget_s)
     row["wall_s"] = time.perf_counter() - t0
     if err is not None:
@@ -267,7 +287,7 @@ def main() -> None:
             print(f"[{i}/{len(cells)}] {cell}: done already, skipped", flush=True)
             continue
         print(f"[{i}/{len(cells)}] {cell}: running ...", flush=True)
-        new = run_cell(cell, a.budget)
+        new = run_cell(cell, a.budget, fresh=a.redo)
         RESULTS.save(new)
         print(f"    {new.get('status')}: wikitext2 {new.get('wikitext2')}, ptb {new.get('ptb')}, "
               f"{new['wall_s']:.0f} s", flush=True)

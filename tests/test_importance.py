@@ -65,6 +65,20 @@ def test_collect_stats_gradients_equal_a_direct_backward_and_restore_state():
     torch.testing.assert_close(stats.act_sq["model.layers.0.mlp.down_proj"], (x ** 2).sum(0), rtol=1e-4, atol=1e-6)
 
 
+def test_collect_stats_keeps_the_accumulated_gradient_without_a_copy():
+    """The statistics hold the very tensor the backward passes accumulated into (one gradient-sized
+    buffer per weight, not two), and the model's `.grad` is left as it was."""
+    model = make_tiny("llama")
+    w = model.model.layers[1].mlp.up_proj.weight
+    ptrs = []
+    h = w.register_post_accumulate_grad_hook(lambda p: ptrs.append(p.grad.data_ptr()))
+    stats = collect_stats(model, IDS, grads=True, batch_size=1)
+    h.remove()
+    assert len(ptrs) == IDS.shape[0] and len(set(ptrs)) == 1  # accumulated in place over the batches
+    assert stats.grads["model.layers.1.mlp.up_proj"].data_ptr() == ptrs[0]
+    assert w.grad is None
+
+
 def test_taylor_element_and_vector_match_direct_computation():
     model = make_tiny("qwen2")  # k/v/q biases are part of the KV group
     stats = collect_stats(model, IDS[:1])

@@ -2,7 +2,8 @@
 
 One pass over the calibration tokens accumulates, for every linear layer of the decoder blocks:
 - the gradient of the language-modelling loss w.r.t. its weight and bias (summed over batches,
-  as LLM-Pruner does), when `grads=True`;
+  as LLM-Pruner does), when `grads=True`: the weights' own `.grad` is the one accumulator (in the
+  weights' dtype), handed over to the statistics without a copy when it is float32 on the CPU;
 - the sum over tokens of each input feature's square (`act_sq`, for Wanda-style `|W|·‖X‖`
   scores), recorded by forward hooks, when `act_norms=True`.
 
@@ -29,6 +30,12 @@ class Stats:
     act_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # (in,) sum of x^2 over tokens
     n_tokens: int = 0
     loss: float = float("nan")  # mean calibration loss
+
+
+def _handover(g: torch.Tensor) -> torch.Tensor:
+    """A gradient as Stats keeps it (float32, CPU): the same storage when it already is, so the
+    statistics never hold a second gradient-sized copy next to the accumulator."""
+    return g.detach().to(device="cpu", dtype=torch.float32)
 
 
 def block_linears(model: nn.Module) -> dict[str, nn.Module]:
@@ -107,15 +114,16 @@ def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True,
                 total_loss += float(loss.detach())
                 n_batches += 1
                 stats.n_tokens += ids.numel()
-        if grads:
+        if grads:  # the accumulated `.grad` itself is handed over (no copy), then detached from the weight
             for name, mod in mods.items():
                 g = mod.weight.grad
                 if g is None:
                     raise ShearkitError(f"No gradient reached {name}; is the model's forward differentiable?")
-                stats.grads[name] = (g.T if is_conv1d(mod) else g).detach().float().cpu().clone()
+                mod.weight.grad = None
+                stats.grads[name] = _handover(g.T if is_conv1d(mod) else g)
                 b = getattr(mod, "bias", None)
                 if b is not None and b.grad is not None:
-                    stats.bias_grads[name] = b.grad.detach().float().cpu().clone()
+                    stats.bias_grads[name], b.grad = _handover(b.grad), None
     finally:
         for h in handles:
             h.remove()
