@@ -69,6 +69,11 @@ def test_gamma_zero_skips_the_analysis(tiny_tokenizer, data_dir, tmp_path):
     assert not (tmp_path / "lorashear" / "knowledge_distribution.json").exists()
 
 
+def test_dense_layers_stay_whole_and_the_others_carry_the_ratio(tiny_tokenizer, data_dir):
+    plan = _prune(make_tiny("llama"), tiny_tokenizer, data_dir, gamma=0.0, dense_first=1)
+    assert "0" not in plan.layers and plan.ratio_achieved >= 0.25
+
+
 @pytest.mark.parametrize("stage", ["lhspg", "recovery"])
 def test_kill_and_resume_gives_the_same_model(tiny_tokenizer, data_dir, tmp_path, monkeypatch, stage):
     """A run stopped hard inside LHSPG (its base-weight writes included) or inside recovery, then resumed,

@@ -158,11 +158,11 @@ class LHSPGState(Callback):
         self.optimizer.load_lhspg_state(state)
 
 
-def quotas_from(record: dict, nodes) -> dict[tuple[str, int], int]:
-    """(kind, layer) -> KV groups / MLP channels each node group loses, from a sensitivity record."""
+def quotas_from(units: list[int], nodes) -> dict[tuple[str, int], int]:
+    """(kind, layer) -> KV groups / MLP channels each node group loses, from its planner units."""
     out = {}
-    for node, rec in zip(nodes, record["nodes"]):
-        n = sum(node.unit_sizes[: rec["target_units"]])
+    for node, u in zip(nodes, units):
+        n = sum(node.unit_sizes[:u])
         if n:
             out[("kv_group" if node.kind == "attn" else "mlp_channel", node.layer)] = n
     return out
@@ -189,7 +189,7 @@ class LoRAShear(StructuredMethod):
         from accelerate.utils import set_seed
         from peft import get_peft_model
 
-        from ..analysis.sensitivity import analyze, plot_sensitivity, write_sensitivity
+        from ..analysis.sensitivity import analyze, plot_sensitivity
         from ..analysis.targets import allocate, block_params, node_units
         from ..arch.modules import unwrap
         from ..data.partition import windows
@@ -223,9 +223,10 @@ class LoRAShear(StructuredMethod):
         # 2. the dense reference
         dense = _cached(work, "dense_reference.json", ctx.resume, lambda: dense_reference(base, ctx.tokenizer, heldout))
 
-        # 3. knowledge distribution -> per node-group targets
+        # 3. knowledge distribution -> per node-group targets (the node groups it marks, layers kept dense
+        #    and, with attn_unit none, attention are kept whole; the others reach the ratio)
         nodes = node_units(base, cfg.round_to)
-        record = None
+        record, sensitivity, whole = None, None, set()
         if cfg.gamma > 0:
             def measure():
                 held = windows(ctx.tokenizer, reserved["wiki"]["analysis"], cfg.analysis_windows, cfg.analysis_seqlen)
@@ -237,15 +238,12 @@ class LoRAShear(StructuredMethod):
             record = _cached(work, "knowledge_distribution.json", ctx.resume, measure)
             if work is not None:
                 plot_sensitivity(record, work / "knowledge_distribution.png")
-            quotas = quotas_from(record, nodes)
-        else:
-            units = allocate(nodes, set(), cfg.ratio, block_params(base))
-            quotas = quotas_from({"nodes": [{"target_units": u} for u in units]}, nodes)
-        quotas = {k: v for k, v in quotas.items() if k[1] not in dense_layers and
-                  not (k[0] == "kv_group" and cfg.attn_unit == "none")}
+            whole = {j for j, r in enumerate(record["nodes"]) if r["unprunable"]}
+            sensitivity = [r["relative_deviation"] for r in record["nodes"]]
+        whole |= {j for j, n in enumerate(nodes) if n.layer in dense_layers or (n.kind == "attn" and cfg.attn_unit == "none")}
+        quotas = quotas_from(allocate(nodes, whole, cfg.ratio, block_params(base), sensitivity), nodes)
         if not quotas:
-            raise ShearkitError("Nothing is left to prune: every node group with a target is kept dense; lower "
-                                "prune.dense_first / dense_last or raise prune.ratio.")
+            raise ShearkitError("Nothing is left to prune: raise prune.ratio, or keep fewer layers dense.")
 
         # 4. LHSPG
         set_seed(tcfg.seed)
