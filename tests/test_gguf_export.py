@@ -190,6 +190,23 @@ def test_cli_export_and_pipeline_save_format(tmp_path, tiny_model_dir):
     assert res.exit_code != 0 and "already exists" in str(res.exception or res.output)
 
 
+def test_prune_save_format_gguf(tmp_path, tiny_model_dir, text_file):
+    """`prune --save-format gguf` writes RUN/model.gguf beside the Hugging Face folder, same logits."""
+    from typer.testing import CliRunner
+
+    from shearkit.cli import app
+
+    run = tmp_path / "run"
+    res = CliRunner().invoke(app, [str(a) for a in (
+        "prune", tiny_model_dir, "--method", "llm-pruner", "--ratio", "0.3", "--calib", text_file, "--calib-samples",
+        2, "--calib-seqlen", 16, "--tasks", text_file, "--eval-seqlen", 16, "--limit", 1, "--no-dense-eval",
+        "--save-format", "gguf", "--out", run)])
+    assert res.exit_code == 0, res.output
+    hf, _ = sk.load(run / "model", device="cpu", dtype="float32")
+    back, _ = sk.load(run / "model.gguf", device="cpu", dtype="float32")
+    np.testing.assert_allclose(_logits(back, IDS), _logits(hf, IDS), rtol=0, atol=1e-2 * np.abs(_logits(hf, IDS)).max())
+
+
 # ---- llama.cpp itself -------------------------------------------------------------------------
 
 def _llama_cpp():
@@ -229,3 +246,63 @@ def test_llama_cpp_tokenises_like_hf(tmp_path, tiny_tokenizer):
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == \
             tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
     llm.close()
+
+
+def _greedy_torch(model, ids, n):
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids
+
+
+def _greedy_llama_cpp(llm, ids, n):
+    llm.reset()
+    llm.eval(ids)
+    out = list(ids)
+    for _ in range(n):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(nxt)
+        llm.eval([nxt])
+    return out
+
+
+def _llama_cpp_ppl(llm, windows):
+    """Perplexity under shearkit's concatenated protocol, the logits computed by llama.cpp."""
+    total, count = 0.0, 0
+    for w in windows.tolist():
+        llm.reset()
+        llm.eval(w)
+        logits = torch.from_numpy(np.array(llm.scores[: len(w)], dtype=np.float32))
+        total += float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(w[1:]), reduction="sum"))
+        count += len(w) - 1
+    return float(np.exp(total / count))
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_pruned_smollm(tmp_path, data_dir):
+    """SmolLM2-135M pruned 20% by llm-pruner (per-layer widths: deci): llama.cpp tokenises like the
+    Hugging Face tokenizer, generates the same 32 greedy tokens, and its perplexity agrees within 1%."""
+    llama_cpp = _llama_cpp()
+    from shearkit.data import load_rows, tokenize_stream
+    from shearkit.recipe import CalibConfig
+
+    model, tok = sk.load("smollm2-135m", device="cpu", dtype="float32")
+    sk.prune(model, tok, "llm-pruner", 0.2, calib=CalibConfig(samples=4, seqlen=256), data_dir=data_dir)
+    r = export_gguf(model, tok, tmp_path / "p.gguf", outtype="f32")
+    assert r.architecture == "deci" and len({g.ff for g in r.layers}) > 1
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "p.gguf"), n_ctx=512, n_batch=512, logits_all=True,
+                          verbose=False)
+    for text in ("The capital of France is", "In 2023, 1,234 people paid $56.78 each!", "naïve café   tabs\tand\n"
+                 "new lines", "<|im_start|>user hi"):
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == \
+            tok(text, add_special_tokens=False)["input_ids"], text
+    prompt = tok("The capital of France is", add_special_tokens=False)["input_ids"]
+    assert _greedy_llama_cpp(llm, prompt, 32) == _greedy_torch(model, prompt, 32)
+    rows = load_rows("wikitext2", None, data_dir, None)
+    ids = tokenize_stream(tok, rows.text)
+    windows = ids[: 8 * 512].view(8, 512)
+    ours = sk.evaluate(model, tok, ["wikitext2"], seqlen=512, limit=8, data_dir=data_dir)["wikitext2"]["ppl"]
+    theirs = _llama_cpp_ppl(llm, windows)
+    llm.close()
+    assert abs(theirs - ours) <= 0.01 * ours, (theirs, ours)
