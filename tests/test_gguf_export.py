@@ -229,16 +229,34 @@ def _llama_cpp_logits(path, ids):
     return out
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+# the three kinds, and the other families and layouts the exporter writes
+LLAMA_CPP_KINDS = {**KINDS, "qwen2": (lambda: make_tiny("qwen2"), "qwen2"),
+                   "mistral": (lambda: make_tiny("mistral"), "llama"),
+                   "tied-embeddings": (lambda: make_tiny("llama_tied"), "llama")}
+
+
+@pytest.mark.parametrize("kind", list(LLAMA_CPP_KINDS))
 def test_llama_cpp_logits_match(kind, tmp_path, tiny_tokenizer):
     _llama_cpp()
-    build, _ = KINDS[kind]
+    build, arch = LLAMA_CPP_KINDS[kind]
     model = build()
-    export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", outtype="f32")
+    assert export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", outtype="f32").architecture == arch
     ours, theirs = _logits(model, IDS), _llama_cpp_logits(tmp_path / "m.gguf", IDS)
     assert theirs.shape == ours.shape == (len(IDS), VOCAB)
     assert np.abs(theirs - ours).max() <= 1e-3 * np.abs(ours).max()
     assert (theirs.argmax(-1) == ours.argmax(-1)).all()
+
+
+def test_llama_cpp_runs_q8_0_with_f16_fallback(tmp_path, tiny_tokenizer):
+    _llama_cpp()
+    model = _per_layer()
+    apply_structured(model, sk.Plan("t", "structured", 0.1, layers={"2": {"mlp_channels": [0, 1, 2]}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = export_gguf(model, tiny_tokenizer, tmp_path / "q.gguf", outtype="q8_0")
+    assert r.f16_fallback == ["blk.2.ffn_down.weight"]
+    ours, theirs = _logits(model, IDS), _llama_cpp_logits(tmp_path / "q.gguf", IDS)
+    assert np.abs(theirs - ours).max() < 0.05 * np.abs(ours).max()
 
 
 def test_llama_cpp_tokenises_like_hf(tmp_path, tiny_tokenizer):
