@@ -1,6 +1,7 @@
 """`shearkit export`: a saved model as a file another engine runs (GGUF for llama.cpp)."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import typer
@@ -29,7 +30,9 @@ def export_cmd(
     if fmt not in FORMATS:
         raise ShearkitError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'. For Hugging Face or "
                             "compressed-tensors folders use `shearkit prune/run --save-format`.")
-    r = api.export_gguf(model, out, outtype=outtype, overwrite=overwrite)
+    with warnings.catch_warnings():  # the q8_0 fallback warning: said below as a note instead
+        warnings.simplefilter("ignore", UserWarning)
+        r = api.export_gguf(model, out, outtype=outtype, overwrite=overwrite)
     typer.echo(f"wrote {r['path']}: {r['architecture']}, {r['layers']} layers, {r['tensors']} tensors, {outtype}")
     if r["f16_fallback"]:
         typer.echo(f"note: {len(r['f16_fallback'])} tensor(s) kept in f16 (rows not a multiple of 32 for q8_0): "
