@@ -20,6 +20,7 @@ _LAZY = {
     "evaluate": "shearkit.api",
     "bench": "shearkit.api",
     "generate": "shearkit.api",
+    "export_gguf": "shearkit.api",
     "prune": "shearkit.pruning",
     "apply_plan": "shearkit.pruning",
     "extend": "shearkit.extension",

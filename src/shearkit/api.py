@@ -1,4 +1,4 @@
-"""The Python API: load, evaluate, bench, generate. The CLI is a thin layer over these."""
+"""The Python API: load, evaluate, bench, generate, export to GGUF. The CLI is a thin layer over these."""
 from __future__ import annotations
 
 import os
@@ -89,4 +89,22 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, chat: b
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-__all__ = ["load", "evaluate", "check_tasks", "bench", "generate"]
+def export_gguf(model, out: str | os.PathLike, *, tokenizer=None, outtype: str = "f16",
+                overwrite: bool = False) -> dict[str, Any]:
+    """Write a Llama-family model as one GGUF file llama.cpp runs (per-layer widths as `deci`).
+
+    `model` is a model directory, a built-in name, or a model object (then give `tokenizer`).
+    Returns what was written: architecture, per-layer sizes, tensors that q8_0 left in f16.
+    """
+    from .io.gguf_export import export_gguf as _export, export_gguf_dir
+    from .models.builtin import BUILTINS, builtin_path
+
+    if isinstance(model, (str, os.PathLike)):
+        src = builtin_path(str(model)) if str(model) in BUILTINS else model
+        return export_gguf_dir(src, out, outtype=outtype, overwrite=overwrite).as_dict()
+    if tokenizer is None:
+        raise ShearkitError("export_gguf needs the tokenizer with a model object (its vocabulary goes in the file).")
+    return _export(model, tokenizer, out, outtype=outtype, overwrite=overwrite).as_dict()
+
+
+__all__ = ["load", "evaluate", "check_tasks", "bench", "generate", "export_gguf"]

@@ -13,7 +13,7 @@ from .preflight import check_recipe_data
 from .recipe import Recipe
 from .runs import RunDir, recipe_inputs
 
-SAVE_FORMATS = ("dense", "compressed-tensors", "none")
+SAVE_FORMATS = ("dense", "compressed-tensors", "gguf", "none")  # gguf: the dense folder plus model.gguf (f16)
 
 
 def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = False, dry_run: bool = False,
@@ -50,6 +50,10 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
         step(f"loading {mc.name}")
         model, tok = api.load(mc.name, device=mc.device, dtype=mc.dtype, cache_dir=mc.cache_dir,
                               trust_remote_code=mc.trust_remote_code)
+        if save_format == "gguf":  # refuse a family GGUF export cannot take before the long part of the run
+            from .io.gguf_export import check_family
+
+            check_family(model)
         device = next(model.parameters()).device
         run.write_env(str(device), recipe.seeds())
         data_dir = ec.data_dir or recipe.calib.data_dir
@@ -137,3 +141,7 @@ def _save_model(model, tok, run: RunDir, plan, metrics: dict, save_format: str, 
         save_compressed(model, tok, run.path / "model", plan=plan, overwrite=overwrite)
     else:
         save(model, tok, run.path / "model", plan=plan, metrics=metrics, overwrite=overwrite)
+    if save_format == "gguf":  # beside the Hugging Face folder, which users still expect
+        from .io.gguf_export import export_gguf
+
+        export_gguf(model, tok, run.path / "model.gguf", outtype="f16", overwrite=overwrite)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from . import analysis_cmds, core, extend_cmds, prune_cmds, recover_cmds, report_cmds  # noqa: F401  (each registers its commands on `app`)
+from . import analysis_cmds, core, export_cmds, extend_cmds, prune_cmds, recover_cmds, report_cmds  # noqa: F401  (each registers its commands on `app`)
 from .app import app
 
 

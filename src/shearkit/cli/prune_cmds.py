@@ -39,7 +39,7 @@ def prune_cmd(
     eval_seqlen: Optional[int] = typer.Option(None, "--eval-seqlen"),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N windows / examples."),
     no_dense_eval: bool = typer.Option(False, "--no-dense-eval", help="Skip evaluating the dense model first."),
-    save_format: Optional[str] = typer.Option(None, "--save-format", help="dense | compressed-tensors | none"),
+    save_format: Optional[str] = typer.Option(None, "--save-format", help="dense | compressed-tensors | gguf (dense + model.gguf) | none"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan and the ratio it reaches without cutting."),
     as_json: bool = typer.Option(False, "--json"),
     device: str = DEVICE_OPT, dtype: str = DTYPE_OPT, cache_dir: Optional[str] = CACHE_OPT,

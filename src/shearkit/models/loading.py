@@ -48,7 +48,10 @@ def load(
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise ShearkitError(f"GGUF file not found: {path}")
-        model, tok = load_gguf(path)
+        from ..io.gguf_load import is_shearkit_gguf, load_shearkit_gguf
+
+        # shearkit's own files (deci included, which transformers cannot read) come back as written
+        model, tok = load_shearkit_gguf(path) if is_shearkit_gguf(path) else load_gguf(path)
         model = model.to(torch_dtype)
     elif path.is_dir():
         if not (path / "config.json").exists():
