@@ -214,9 +214,9 @@ def _llama_cpp():
     try:
         import llama_cpp
     except ImportError:
-        if os.environ.get("SHEARKIT_REQUIRE_LLAMA_CPP"):  # set by .ci/run, which installs it
+        if os.environ.get("SHEARKIT_REQUIRE_LLAMA_CPP"):  # set where llama-cpp-python must be present
             pytest.fail("llama-cpp-python is required here (SHEARKIT_REQUIRE_LLAMA_CPP) but not importable")
-        pytest.skip("llama-cpp-python is not installed (`.ci/run` installs it; see docs/export.md)")
+        pytest.skip("llama-cpp-python is not installed (docs/export.md says how to build it for this CPU)")
     return llama_cpp
 
 
