@@ -40,6 +40,15 @@ def lora_factors(layer: nn.Module, adapter: str = "default") -> tuple[torch.Tens
     return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, float(layer.scaling[adapter])
 
 
+def lora_of(model: nn.Module, base_name: str, adapter: str = "default"):
+    """(A, B, scaling) of the LoRA layer wrapping base module `base_name` (`...proj.base_layer`), or
+    None when that module carries no LoRA adapter."""
+    if not base_name.endswith(".base_layer"):
+        return None
+    layer = model.get_submodule(base_name[: -len(".base_layer")])
+    return lora_factors(layer, adapter) if is_lora_layer(layer) and adapter in layer.lora_A else None
+
+
 def g_hat(layer: nn.Module, adapter: str = "default") -> torch.Tensor:
     """LoRAPrune's surrogate weight gradient of one LoRA layer, (out, in), float32."""
     a, b, _ = lora_factors(layer, adapter)

@@ -22,7 +22,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from ..arch.modules import is_lora_layer, unwrap, weight_view
+from ..arch.modules import unwrap, weight_view
 from ..errors import ShearkitError
 from ..graph.groups import GroupSet
 
@@ -43,12 +43,10 @@ def check_weights(weights: dict[str, float]) -> dict[str, float]:
 
 def _factors(model: nn.Module, base_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(A, B) of the LoRA layer wrapping `base_name` (`...proj.base_layer`), or None without LoRA."""
-    if not base_name.endswith(".base_layer"):
-        return None
-    layer = model.get_submodule(base_name[: -len(".base_layer")])
-    if not is_lora_layer(layer) or "default" not in layer.lora_A:
-        return None
-    return layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    from .lora_grad import lora_of
+
+    ab = lora_of(model, base_name)
+    return None if ab is None else (ab[0], ab[1])
 
 
 def group_moments(model: nn.Module, sets: dict[tuple[str, int], GroupSet]) -> dict[tuple[str, int], torch.Tensor]:

@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..arch.modules import is_lora_layer, unwrap, weight_view
+from ..arch.modules import unwrap, weight_view
 from ..errors import ShearkitError
 from ..graph.groups import GroupSet
+from ..importance.lora_grad import lora_of
 
 VARIANTS = ("paper", "decay")
 
@@ -60,15 +61,6 @@ class _Set:
     slices: list[_Slice] = field(default_factory=list)
 
 
-def _lora_of(model: nn.Module, name: str):
-    if not name.endswith(".base_layer"):
-        return None
-    layer = model.get_submodule(name[: -len(".base_layer")])
-    if not is_lora_layer(layer) or "default" not in layer.lora_A:
-        return None
-    return layer.lora_A["default"].weight, layer.lora_B["default"].weight, float(layer.scaling["default"])
-
-
 def build_sets(model: nn.Module, sets: dict[tuple[str, int], GroupSet]) -> dict[tuple[str, int], _Set]:
     """The tensors every group of `sets` touches (base slices with their LoRA factors)."""
     m = unwrap(model)
@@ -79,7 +71,7 @@ def build_sets(model: nn.Module, sets: dict[tuple[str, int], GroupSet]) -> dict[
             mod = m.get_submodule(part.module)
             bias = getattr(mod, "bias", None) if part.dim == 0 else None
             s.slices.append(_Slice(part.module, weight_view(mod), bias if isinstance(bias, torch.Tensor) else None,
-                                   part.dim, part.index.to(mod.weight.device), _lora_of(m, part.module)))
+                                   part.dim, part.index.to(mod.weight.device), lora_of(m, part.module)))
         out[key] = s
     return out
 
@@ -232,7 +224,8 @@ class LHSPG(torch.optim.AdamW):
         lr = self.param_groups[0]["lr"]
         last = t == self.period_steps
         for key, s in self.sets.items():
-            live = [g for g in self.active[key] if g not in set(self.pruned[key])]
+            gone_before = set(self.pruned[key])
+            live = [g for g in self.active[key] if g not in gone_before]
             if not live:
                 continue
             j = torch.tensor(live, dtype=torch.long)
@@ -242,7 +235,8 @@ class LHSPG(torch.optim.AdamW):
             norm = torch.sqrt(sum((_gather(sl, j).float() ** 2).sum(1) for sl in s.slices))
             if t == 1:  # lambda from the group's norm with its LoRA update folded in
                 self.lam[key] = norm / max(lr * self.period_steps * (1.0 - self.epsilon), 1e-12)
-            lam = self.lam[key][[self.active[key].index(g) for g in live]]
+            at = {g: i for i, g in enumerate(self.active[key])}
+            lam = self.lam[key][[at[g] for g in live]]
             shrink = 1.0 - (lr * lam) / norm.clamp_min(1e-12)
             for sl in s.slices:
                 _scatter_scale(sl, j, shrink)
