@@ -208,6 +208,28 @@ def test_prune_save_format_gguf(tmp_path, tiny_model_dir, text_file):
     np.testing.assert_allclose(_logits(back, IDS), _logits(hf, IDS), rtol=0, atol=1e-2 * np.abs(_logits(hf, IDS)).max())
 
 
+def test_prune_round_to_keeps_every_row_quantisable(tmp_path, tiny_model_dir, text_file, tiny_tokenizer):
+    """`prune --round-to 32`: every kept MLP width is a multiple of 32, so q8_0 needs no f16 fallback;
+    a method without widths refuses the option before loading anything."""
+    from typer.testing import CliRunner
+
+    from shearkit.cli import app
+
+    common = ["--calib", text_file, "--calib-samples", 2, "--calib-seqlen", 16, "--tasks", text_file,
+              "--eval-seqlen", 16, "--limit", 1, "--no-dense-eval"]
+    run = tmp_path / "run"
+    res = CliRunner().invoke(app, [str(a) for a in ("prune", tiny_model_dir, "--method", "llm-pruner", "--ratio", 0.3,
+                                                    "--round-to", 32, *common, "--out", run)])
+    assert res.exit_code == 0, res.output
+    model, _ = sk.load(run / "model", device="cpu", dtype="float32")
+    widths = [layer.mlp.up_proj.out_features for layer in model.model.layers]
+    assert min(widths) < 96 and all(w % 32 == 0 for w in widths), widths
+    assert export_gguf(model, tiny_tokenizer, tmp_path / "q.gguf", outtype="q8_0").f16_fallback == []
+    res = CliRunner().invoke(app, [str(a) for a in ("prune", tiny_model_dir, "--method", "wanda", "--ratio", 0.5,
+                                                    "--round-to", 32, *common, "--out", tmp_path / "w")])
+    assert res.exit_code != 0 and "round_to" in str(res.exception or res.output)
+
+
 # ---- llama.cpp itself -------------------------------------------------------------------------
 
 def _llama_cpp():

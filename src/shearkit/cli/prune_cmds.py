@@ -29,6 +29,9 @@ def prune_cmd(
     nm: Optional[str] = typer.Option(None, "--nm", help="N:M pattern for unstructured methods, e.g. 2:4."),
     allocation: Optional[str] = typer.Option(None, "--allocation", help="Structured methods: uniform | global | a "
                                              "JSON file of per-layer (and per-kind) ratios, e.g. from `shearkit analyze`."),
+    round_to: Optional[int] = typer.Option(None, "--round-to", help="Structured methods: kept MLP widths are "
+                                           "multiples of this (default 8; 32 lets every GGUF q8_0 row quantise, "
+                                           "64 suits matmul kernels)."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data set or file (default c4)."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration windows (default 64)."),
     calib_seqlen: Optional[int] = typer.Option(None, "--calib-seqlen", help="Tokens per window (default 512)."),
@@ -63,7 +66,8 @@ def prune_cmd(
     m = pick_model(model, model_opt, required=recipe is None)
     if recipe is None and not method:
         raise ShearkitError("No method given: pass --method (see `shearkit list` for the methods).")
-    prune_sec = {"method": method, "ratio": r_val, "blocks": blocks, "nm": nm, "seed": seed, "allocation": allocation}
+    prune_sec = {"method": method, "ratio": r_val, "blocks": blocks, "nm": nm, "seed": seed, "allocation": allocation,
+                 "round_to": round_to}
     extra = {
         "model": model_section(m, device, dtype, cache_dir, trust_remote_code),
         "calib": {"dataset": calib, "samples": calib_samples, "seqlen": calib_seqlen, "seed": seed,

@@ -251,7 +251,8 @@ def export_gguf(model, tokenizer, out: str | os.PathLike, outtype: str = "f16",
         w.close()
     if fallback:
         warnings.warn(f"q8_0 needs rows in multiples of {Q8_BLOCK}: {len(fallback)} tensor(s) written as f16 "
-                      f"instead ({', '.join(fallback[:4])}{' ...' if len(fallback) > 4 else ''}).", stacklevel=2)
+                      f"instead ({', '.join(fallback[:4])}{' ...' if len(fallback) > 4 else ''}); prune with --round-to 32 "
+                      "to keep every width quantisable.", stacklevel=2)
     return GGUFExport(out, arch, outtype, geo, head_dim, n_tensors, fallback, notes)
 
 
