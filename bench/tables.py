@@ -351,6 +351,31 @@ def speculative(results: Path) -> list[str]:
     return out
 
 
+def llama_cpp(results: Path) -> list[str]:
+    """llama.cpp on our GGUF files: size, perplexity beside PyTorch's, tokens/s against dense and the ideal."""
+    d = _load("llama_cpp.json", results)
+    models, files = d["models"], d["files"]
+    dense = {f["outtype"]: f for f in files if f["model"] == "dense"}
+    out = ["| model | GGUF | file | ppl llama.cpp | ppl PyTorch f32 | prefill tok/s | × dense | ideal × | "
+           "prefill / ideal | decode tok/s | × dense | PyTorch prefill, decode tok/s |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for f in files:
+        m, base = models[f["model"]], dense[f["outtype"]]
+        ideal = models["dense"]["flops_per_token"] / m["flops_per_token"]
+        pre, dec = f["prefill_tok_s"] / base["prefill_tok_s"], f["decode_tok_s"] / base["decode_tok_s"]
+        kind = f"{f['architecture']}, {f['outtype']}" + (f" ({f['f16_fallback']} in f16)" if f["f16_fallback"] else "")
+        out.append(f"| `{f['model']}` | {kind} | {_mib(f['bytes'])} | {_ppl(f['ppl_llama_cpp'])} | {_ppl(m['ppl_torch'])} | "
+                   f"{f['prefill_tok_s']:.0f} | {pre:.2f} | {ideal:.2f} | {pre / ideal:.2f} | {f['decode_tok_s']:.1f} | "
+                   f"{dec:.2f} | {m['prefill_tok_s_torch']:.0f}, {m['decode_tok_s_torch']:.1f} |")
+    s = d["setting"]
+    out += ["", f"{d['threads']} thread(s) for both engines, median of {d['repeats']} interleaved repeats; prefill "
+            f"{s['prefill']} tokens in one batch, decode {s['decode_tokens']} tokens one at a time after "
+            f"{s['decode_prompt']}; perplexity on the first {s['ppl_windows']} windows of {s['ppl_seqlen']} of "
+            f"{s['dataset']} (test). llama-cpp-python {d['llama_cpp_python']}; measured {d['date']} ({d['machine']}) "
+            f"with `{d['command']}`. Ideal × = dense FLOPs per token over the model's; × dense at the same GGUF type."]
+    return out
+
+
 TABLES: dict[str, Callable[[Path], list[str]]] = {
     "dense-ppl": dense_ppl, "dense-size": dense_size, "sparsity-summary": sparsity_summary,
     "sparsity-memory": sparsity_memory, "llm-pruner-variants": llm_pruner_variants,
@@ -358,6 +383,7 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "zeroshot": zeroshot, "training": training, "training-zeroshot": training_zeroshot,
     "blocks-training": blocks_training,
     "importance-memory": importance_memory, "train-throughput": train_throughput, "speculative": speculative,
+    "llama-cpp": llama_cpp,
 }
 
 

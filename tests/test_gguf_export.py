@@ -13,6 +13,8 @@ from conftest import VOCAB, make_tiny
 
 import shearkit as sk
 from shearkit.errors import ShearkitError
+from shearkit.eval import llama_cpp as llama_cpp_run
+from shearkit.eval.perplexity import eval_windows
 from shearkit.io.gguf_export import export_gguf, rope_pairs
 from shearkit.io.gguf_load import load_shearkit_gguf
 from shearkit.surgery import apply_structured
@@ -243,10 +245,9 @@ def _llama_cpp():
 
 
 def _llama_cpp_logits(path, ids):
-    llama_cpp = _llama_cpp()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, n_threads=1, verbose=False)
-    llm.eval(ids)
-    out = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    _llama_cpp()
+    llm = llama_cpp_run.open_gguf(path, n_ctx=64, logits_all=True)
+    out = llama_cpp_run.logits(llm, ids)
     llm.close()
     return out
 
@@ -310,42 +311,26 @@ def _greedy_llama_cpp(llm, ids, n):
     return out
 
 
-def _llama_cpp_ppl(llm, windows):
-    """Perplexity under shearkit's concatenated protocol, the logits computed by llama.cpp."""
-    total, count = 0.0, 0
-    for w in windows.tolist():
-        llm.reset()
-        llm.eval(w)
-        logits = torch.from_numpy(np.array(llm.scores[: len(w)], dtype=np.float32))
-        total += float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(w[1:]), reduction="sum"))
-        count += len(w) - 1
-    return float(np.exp(total / count))
-
-
 @pytest.mark.slow
 def test_llama_cpp_runs_pruned_smollm(tmp_path, data_dir):
     """SmolLM2-135M pruned 20% by llm-pruner (per-layer widths: deci): llama.cpp tokenises like the
     Hugging Face tokenizer, generates the same 32 greedy tokens, and its perplexity agrees within 1%."""
-    llama_cpp = _llama_cpp()
-    from shearkit.data import load_rows, tokenize_stream
+    _llama_cpp()
     from shearkit.recipe import CalibConfig
 
     model, tok = sk.load("smollm2-135m", device="cpu", dtype="float32")
     sk.prune(model, tok, "llm-pruner", 0.2, calib=CalibConfig(samples=4, seqlen=256), data_dir=data_dir)
     r = export_gguf(model, tok, tmp_path / "p.gguf", outtype="f32")
     assert r.architecture == "deci" and len({g.ff for g in r.layers}) > 1
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "p.gguf"), n_ctx=512, n_batch=512, logits_all=True,
-                          verbose=False)
+    llm = llama_cpp_run.open_gguf(tmp_path / "p.gguf", n_ctx=512, threads=2, logits_all=True)
     for text in ("The capital of France is", "In 2023, 1,234 people paid $56.78 each!", "naïve café   tabs\tand\n"
                  "new lines", "<|im_start|>user hi"):
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == \
             tok(text, add_special_tokens=False)["input_ids"], text
     prompt = tok("The capital of France is", add_special_tokens=False)["input_ids"]
     assert _greedy_llama_cpp(llm, prompt, 32) == _greedy_torch(model, prompt, 32)
-    rows = load_rows("wikitext2", None, data_dir, None)
-    ids = tokenize_stream(tok, rows.text)
-    windows = ids[: 8 * 512].view(8, 512)
+    windows, _, _ = eval_windows(tok, "wikitext2", 512, limit=8, data_dir=data_dir)
     ours = sk.evaluate(model, tok, ["wikitext2"], seqlen=512, limit=8, data_dir=data_dir)["wikitext2"]["ppl"]
-    theirs = _llama_cpp_ppl(llm, windows)
+    theirs = llama_cpp_run.perplexity(llm, windows)["ppl"]
     llm.close()
     assert abs(theirs - ours) <= 0.01 * ours, (theirs, ours)

@@ -105,7 +105,6 @@ def test_random_plans_sliced_equals_masked(family, data):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_with_kv_cache_after_slicing(family):
     model = _MODELS[family]
-    geo = layer_geometry(model)
     plan = Plan("t", "structured", 0.1, layers={"0": {"kv_groups": [1], "mlp_channels": list(range(20))}}, blocks=[1])
     a, b = _sliced_and_masked(model, plan)
     prompt = _ids(1, 6)

@@ -23,7 +23,7 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
     from . import api
     from .arch import get_adapter
     from .eval.speed import PeakMemory
-    from .pruning import calib_tokens, prune, resolve_config
+    from .pruning import calib_tokens, prune
 
     save_format = recipe.top.get("save_format", "dense")
     if save_format not in SAVE_FORMATS:

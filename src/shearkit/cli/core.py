@@ -42,7 +42,6 @@ def eval_cmd(
     Example: shearkit eval smollm2-135m --tasks wikitext2 --seqlen 512 --limit 8
     """
     from ..recipe import load_recipe
-    from ..runs import RunDir
 
     m = pick_model(model, model_opt, required=recipe is None)
     r = load_recipe(recipe, set_, extra={

@@ -44,6 +44,22 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 1, desc: str | No
     return torch.cat(sums)
 
 
+def eval_windows(tokenizer, dataset: str, seqlen: int, *, split: str | None = None, limit: int | None = None,
+                 joiner: str | None = None, data_dir: str | os.PathLike | None = None):
+    """The concatenated protocol's windows: the split's rows joined, tokenised once, cut into
+    (n, seqlen) windows (the first `limit`). Returns (windows, rows, windows in the whole split);
+    every engine scored under the protocol (PyTorch, llama.cpp) takes the same windows from here."""
+    rows = load_rows(dataset, split, data_dir, joiner)
+    ids = tokenize_stream(tokenizer, rows.text)
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise ShearkitError(f"'{dataset}' holds {ids.numel()} tokens, fewer than one window of {seqlen}.")
+    total = n
+    if limit is not None:
+        n = min(n, limit)
+    return ids[: n * seqlen].view(n, seqlen), rows, total
+
+
 def perplexity(model, tokenizer, dataset: str = "wikitext2", *, split: str | None = None, seqlen: int = 2048,
                batch_size: int = 1, limit: int | None = None, joiner: str | None = None,
                data_dir: str | os.PathLike | None = None) -> dict:
@@ -66,15 +82,9 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", *, split: str | Non
         raise ShearkitError(f"--limit must be a positive number of windows, got {limit}.")
     cap = model_max_length(model)
     eff = min(seqlen, cap) if cap else seqlen
-    rows = load_rows(dataset, split, data_dir, joiner)
-    ids = tokenize_stream(tokenizer, rows.text)
-    n = ids.numel() // eff
-    if n == 0:
-        raise ShearkitError(f"'{dataset}' holds {ids.numel()} tokens, fewer than one window of {eff}.")
-    total = n
-    if limit is not None:
-        n = min(n, limit)
-    windows = ids[: n * eff].view(n, eff)
+    windows, rows, total = eval_windows(tokenizer, dataset, eff, split=split, limit=limit, joiner=joiner,
+                                        data_dir=data_dir)
+    n = windows.shape[0]
     sums = window_nll(model, windows, batch_size, desc=f"ppl {rows.record['dataset']}")
     nll = float(sums.sum() / (n * (eff - 1)))
     return {"metric": "ppl_concat", "ppl": math.exp(nll), "nll": nll, **rows.record,

@@ -21,7 +21,6 @@ def plan_table(plan: Plan) -> tuple[list[str], list[list[Any]]]:
         return ["layer", "removed"], plan.summary_rows()
     rows: list[list[Any]] = []
     dense = set(plan.extra.get("dense_layers", []))
-    total_before = plan.base.get("block_params") or 0
     for i, g in enumerate(geo):
         if i in set(plan.blocks):
             rows.append([i, "removed", "removed", "removed", per[i], "100.0"])

@@ -26,7 +26,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 from ..errors import ShearkitError
 from ..plan import Plan

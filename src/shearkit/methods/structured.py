@@ -77,8 +77,8 @@ class StructuredConfig(PruneConfig):
 def load_layer_ratios(path: str, num_layers: int | None = None) -> list[float]:
     """The relative per-layer ratios in JSON file `path` (`{"layer_ratios": [...]}`), checked."""
     f = Path(path)
-    what = (f"prune.allocation must be 'uniform', 'global' or the path of a JSON file "
-            f'{{"layer_ratios": [r_0, ..., r_(L-1)]}} (one number >= 0 per decoder layer)')
+    what = ("prune.allocation must be 'uniform', 'global' or the path of a JSON file "
+            '{"layer_ratios": [r_0, ..., r_(L-1)]} (one number >= 0 per decoder layer)')
     if not f.is_file():
         raise ShearkitError(f"{what}; '{path}' is neither a known allocation nor an existing file.")
     try:
