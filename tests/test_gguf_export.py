@@ -292,6 +292,50 @@ def test_llama_cpp_tokenises_like_hf(tmp_path, tiny_tokenizer):
     llm.close()
 
 
+def _split_tokenizer(pattern: str, ignore_merges: bool):
+    """A byte-level BPE tokenizer with a Llama 3 / Qwen2-style pre-tokenizer: a regex Split, then ByteLevel
+    without its own regex, trained in-process on text with digits, contractions and new lines."""
+    import json as _json
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["It's 2024 and we'll prune 12345 models!", "the quick brown fox\n\n  jumps over the lazy dog",
+            "I'M sure they'd say: 3.14159 isn't 42"] * 20
+    tk.train_from_iterator(text, trainer)
+    spec = _json.loads(tk.to_str())
+    spec["model"]["ignore_merges"] = ignore_merges
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_json.dumps(spec)), bos_token="<s>",
+                                   eos_token="</s>")
+
+
+@pytest.mark.parametrize("name", ["llama-bpe", "qwen2"])
+def test_llama_cpp_tokenises_llama3_and_qwen2_pre_tokenizers_like_hf(name, tmp_path):
+    """Llama 3's and Qwen2's split regexes are recognised, named for llama.cpp, and llama.cpp then splits
+    text (digit runs, contractions in any case, new lines, runs of spaces) exactly as the HF tokenizer."""
+    from shearkit.io import gguf_vocab
+
+    pattern, ignore = {"llama-bpe": (gguf_vocab._LLAMA3_SPLIT, True), "qwen2": (gguf_vocab._QWEN2_SPLIT, False)}[name]
+    tok = _split_tokenizer(pattern, ignore)
+    assert gguf_vocab.vocab_fields(tok, VOCAB)["pre"] == name
+    with pytest.raises(ShearkitError, match="ignore_merges"):
+        gguf_vocab.vocab_fields(_split_tokenizer(pattern, not ignore), VOCAB)
+    llama_cpp = _llama_cpp()
+    export_gguf(make_tiny("llama"), tok, tmp_path / "m.gguf", outtype="f32")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    for text in ("It's 2024: 1234567 models", "WE'LL SEE\n\n\n   spaces   here", "they'd 3.14159\tx",
+                 "naïve café", " leading and trailing  "):
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == \
+            tok(text, add_special_tokens=False)["input_ids"], text
+    llm.close()
+
+
 def _greedy_torch(model, ids, n):
     ids = list(ids)
     with torch.no_grad():

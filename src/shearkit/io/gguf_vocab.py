@@ -15,10 +15,19 @@ from typing import Any
 
 from ..errors import ShearkitError
 
-# pre-tokenizer (as tokenizer.json writes it, reduced by `_pre_signature`) -> llama.cpp's name for it
+# the word-splitting regexes of Llama 3's and Qwen2's tokenizer.json (a Split before a ByteLevel without regex)
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# pre-tokenizer (as tokenizer.json writes it, reduced by `_pre_signature`) -> (llama.cpp's name for it,
+# the BPE model's `ignore_merges` that llama.cpp assumes under that name)
 _KNOWN_PRE = {
-    ("ByteLevel",): "gpt-2",  # GPT-2's word regex inside ByteLevel, no prefix space
-    ("Digits:individual", "ByteLevel"): "smollm",  # every digit alone, then GPT-2's regex
+    ("ByteLevel",): ("gpt-2", False),  # GPT-2's word regex inside ByteLevel, no prefix space
+    ("Digits:individual", "ByteLevel"): ("smollm", False),  # every digit alone, then GPT-2's regex
+    (f"Split:{_LLAMA3_SPLIT}", "ByteLevel:no-regex"): ("llama-bpe", True),  # Llama 3: digits in threes
+    (f"Split:{_QWEN2_SPLIT}", "ByteLevel:no-regex"): ("qwen2", False),  # Qwen2: every digit alone
 }
 
 
@@ -31,11 +40,14 @@ def _pre_signature(pre: dict | None) -> tuple[str, ...]:
     for p in parts:
         kind = p.get("type")
         if kind == "ByteLevel":
-            if p.get("add_prefix_space") or not p.get("use_regex", True):
-                return (f"ByteLevel(add_prefix_space={p.get('add_prefix_space')}, use_regex={p.get('use_regex')})",)
-            sig.append("ByteLevel")
+            if p.get("add_prefix_space"):
+                return ("ByteLevel(add_prefix_space=True)",)
+            sig.append("ByteLevel" if p.get("use_regex", True) else "ByteLevel:no-regex")
         elif kind == "Digits":
             sig.append("Digits:individual" if p.get("individual_digits") else "Digits")
+        elif kind == "Split" and "Regex" in (p.get("pattern") or {}) and p.get("behavior") == "Isolated" \
+                and not p.get("invert"):
+            sig.append(f"Split:{p['pattern']['Regex']}")
         else:
             sig.append(str(kind))
     return tuple(sig)
@@ -66,10 +78,16 @@ def vocab_fields(tokenizer, n_vocab: int) -> dict[str, Any]:
         raise ShearkitError(f"The tokenizer has a normalizer ({spec['normalizer'].get('type')}), which llama.cpp's "
                             "BPE tokenizer does not apply; GGUF export refuses rather than tokenise differently.")
     sig = _pre_signature(spec.get("pre_tokenizer"))
-    pre = _KNOWN_PRE.get(sig)
-    if pre is None:
-        raise ShearkitError(f"The tokenizer's pre-tokenizer {list(sig)} is not one shearkit can name for llama.cpp "
-                            f"(known: {sorted(_KNOWN_PRE.values())}); GGUF export refuses rather than tokenise "
+    if sig not in _KNOWN_PRE:
+        shown = [x if len(x) < 60 else x[:57] + "..." for x in sig]
+        raise ShearkitError(f"The tokenizer's pre-tokenizer {shown} is not one shearkit can name for llama.cpp "
+                            f"(known: {sorted(name for name, _ in _KNOWN_PRE.values())}); GGUF export refuses "
+                            "rather than tokenise differently.")
+    pre, ignore_merges = _KNOWN_PRE[sig]
+    if bool(model.get("ignore_merges", False)) != ignore_merges:
+        raise ShearkitError(f"The tokenizer's pre-tokenizer is llama.cpp's '{pre}', which llama.cpp runs with "
+                            f"ignore_merges={ignore_merges}, but this BPE model has ignore_merges="
+                            f"{bool(model.get('ignore_merges', False))}; GGUF export refuses rather than tokenise "
                             "differently.")
     vocab: dict[str, int] = dict(model["vocab"])
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
