@@ -74,7 +74,8 @@ def recompute_activations(model: nn.Module) -> Iterator[nn.Module]:
     attn = [(m, m.attention_dropout) for m in model.modules()
             if isinstance(getattr(m, "attention_dropout", None), float)]
     was_training = model.training
-    was_on = bool(getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False)))
+    new = hasattr(type(model), "is_activation_checkpointing")  # the old name warns in transformers 5
+    was_on = bool(getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False))
     try:
         for m, _ in dropouts:
             m.p = 0.0
