@@ -1,0 +1,218 @@
+"""Security: nothing shearkit writes is a pickle and nothing it reads is unpickled; a model's own
+code runs only with trust_remote_code; a recipe file cannot write outside the working directory or
+turn remote code on; generated modeling files hold no text from the model; the built-in model's
+wheel is checked against its pinned SHA-256."""
+from __future__ import annotations
+
+import ast
+import json
+import pickle
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import make_tiny
+from typer.testing import CliRunner
+
+import shearkit
+from shearkit.cli import app
+from shearkit.errors import ShearkitError
+
+SRC = Path(shearkit.__file__).parent
+
+
+def invoke(*args, input: str | None = None):
+    """Run the CLI in-process; raise what it raised, else require exit code 0."""
+    r = CliRunner().invoke(app, [str(a) for a in args], input=input)
+    if r.exception and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    assert r.exit_code == 0, r.output
+    return r
+
+
+# -- 1. no output is a pickle ----------------------------------------------------------------------
+
+PICKLE_SUFFIXES = {".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".joblib"}
+
+
+def is_pickle(path: Path) -> bool:
+    """True for a pickle file: a pickle's name, a protocol 2-5 pickle stream, or a zip (torch.save) holding one."""
+    if path.suffix in PICKLE_SUFFIXES:
+        return True
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return True
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                return any(n.endswith(".pkl") for n in z.namelist())
+        except zipfile.BadZipFile:
+            return False
+    return False
+
+
+def pickles_under(root: Path) -> list[str]:
+    """Every pickle file under `root`, relative to it."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and is_pickle(p))
+
+
+def test_the_scan_finds_every_kind_of_pickle(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.save({"step": 1}, tmp_path / "optimizer.state")  # torch's zip format, under an innocent name
+    (tmp_path / "rng").write_bytes(pickle.dumps({"seed": 0}, protocol=4))
+    (tmp_path / "random_states_0.pkl").write_bytes(b"")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "ok.safetensors"))
+    (tmp_path / "ok.json").write_text("{}")
+    with zipfile.ZipFile(tmp_path / "ok.zip", "w") as z:
+        z.writestr("a.txt", "text")
+    assert pickles_under(tmp_path) == ["optimizer.state", "random_states_0.pkl", "rng"]
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_model_dir, monkeypatch):
+    """The working directory of a run (everything written relative to it lands under tmp_path), a
+    tiny model, a text file and an instruction file."""
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. pruning makes language models smaller.\n" * 300)
+    instr = tmp_path / "instr.json"
+    instr.write_text(json.dumps([{"instruction": "say hello", "input": "", "output": "hello world"}] * 16))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path, tiny_model_dir, text, instr
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    return sorted(root.rglob("checkpoint-*"))
+
+
+def test_a_pipeline_run_its_resume_and_recovery_write_no_pickle(workspace):
+    """prune + recovery with checkpoints and adapters, a report, a GGUF, a resumed run and a recover run."""
+    tmp, base, text, instr = workspace
+    recipe = tmp / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name": str(base)}, "calib": {"dataset": str(text), "samples": 4, "seqlen": 16},
+        "prune": {"method": "llm-pruner", "ratio": 0.3, "dense_first": 0, "dense_last": 0},
+        "recover": {"data": str(instr), "steps": 2, "seqlen": 128, "batch_size": 2, "save_every": 1,
+                    "save_adapter": True},
+        "eval": {"tasks": [str(text)], "seqlen": 16, "limit": 1}, "save_format": "gguf"}))
+    invoke("run", recipe, "--out", "runs/a")
+    for stopped_before in ("runs/a/report", "runs/a/recovery/checkpoint-2"):  # as if stopped after step 1
+        shutil.rmtree(tmp / stopped_before)
+    assert "resumed_from" in invoke("run", recipe, "--out", "runs/a", "--resume", "--json").stdout
+    invoke("recover", "runs/a/model", "--data", instr, "--steps", 2, "--seqlen", 128, "--batch-size", 2,
+           "--save-every", 1, "--save-adapter", "--out", "runs/b")
+    invoke("recover", "runs/a/model", "--data", instr, "--steps", 2, "--seqlen", 128, "--batch-size", 2,
+           "--save-every", 1, "--save-adapter", "--out", "runs/b", "--resume")
+    assert len(_checkpoints(tmp / "runs")) == 4 and (tmp / "runs/a/recovery/adapter").is_dir()
+    assert (tmp / "runs/a/report/report.html").is_file() and (tmp / "runs/a/model.gguf").is_file()
+    assert pickles_under(tmp) == []
+
+
+def test_training_methods_and_extend_write_no_pickle(workspace):
+    """loraprune and flexigpt training checkpoints, a compressed-tensors save, extend's checkpoints."""
+    tmp, base, text, _ = workspace
+    common = ["--calib", text, "--calib-samples", 2, "--calib-seqlen", 16, "--tasks", text, "--eval-seqlen", 16,
+              "--limit", 1, "--no-dense-eval"]
+    train = ["--set", f"prune.train.data={text}", "--set", "prune.train.steps=2", "--set", "prune.train.seqlen=16",
+             "--set", "prune.train.batch_size=2", "--set", "prune.train.save_every=1"]
+    invoke("prune", base, "--method", "loraprune", "--ratio", 0.25, *common, *train, "--set", "prune.prune_every=1",
+           "--out", "runs/loraprune")
+    invoke("prune", base, "--method", "flexigpt", "--blocks", 1, *common, *train, "--set", "prune.rank=4",
+           "--out", "runs/flexigpt")
+    invoke("prune", base, "--method", "wanda", "--ratio", 0.5, *common, "--save-format", "compressed-tensors",
+           "--out", "runs/wanda")
+    invoke("extend", base, "--add-blocks", 1, "--start", 1, "--end", 1, "--rank", 4, "--steps", 2, "--data", text,
+           "--set", "extend.train.seqlen=16", "--set", "extend.train.batch_size=2",
+           "--set", "extend.train.save_every=1", "--tasks", text, "--eval-seqlen", 16, "--limit", 1,
+           "--no-dense-eval", "--out", "runs/extend")
+    assert {p.parent.parent.name for p in _checkpoints(tmp / "runs")} >= {"loraprune", "flexigpt", "extend"}
+    assert pickles_under(tmp) == []
+
+
+def test_lorashear_writes_no_pickle(workspace, data_dir):
+    """LoRAShear's LHSPG, recovery and dynamic-recovery checkpoints, then a resumed run."""
+    tmp, base, _, _ = workspace
+    args = ["prune", base, "--method", "lorashear", "--ratio", 0.25, "--tasks", "wikitext2", "--limit", 1,
+            "--eval-seqlen", 16, "--no-dense-eval", "--out", "runs/ls", "--data-dir", data_dir]
+    sets = {"gamma": 0.34, "analysis_windows": 2, "analysis_seqlen": 16, "periods": 2, "warmup": 0.25,
+            "train.steps": 4, "train.seqlen": 256, "train.batch_size": 1, "train.save_every": 1,
+            "recovery.steps": 2, "recovery.seqlen": 256, "recovery.batch_size": 1, "recovery.save_every": 1,
+            "dynamic.round_steps": 1, "dynamic.heldout_windows": 2, "dynamic.heldout_seqlen": 16,
+            "dynamic.heldout_examples": 2}
+    for k, v in sets.items():
+        args += ["--set", f"prune.{k}={v}"]
+    invoke(*args)
+    invoke(*args, "--resume")
+    assert _checkpoints(tmp / "runs" / "ls")
+    assert pickles_under(tmp) == []
+
+
+# -- 2. nothing is unpickled ----------------------------------------------------------------------
+
+UNPICKLING_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
+PICKLE_READERS = {"load", "loads", "Unpickler", "open"}
+PRIVATE_PIPE = {"eval/memory.py"}  # pickles only to and from its own child process, never a file
+
+
+def _dotted(node: ast.AST) -> str:
+    """`a.b.c` for a Name/Attribute chain, else ''."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else ""
+
+
+def _kwarg_is_true(call: ast.Call, name: str) -> bool:
+    return any(k.arg == name and isinstance(k.value, ast.Constant) and k.value.value is True for k in call.keywords)
+
+
+def unpickling_calls(source: str, where: str) -> list[str]:
+    """Places in `source` that unpickle: pickle-family readers, torch.load without weights_only=True,
+    numpy loads with allow_pickle=True, pandas' read_pickle (imports of the readers too)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        line = f"{where}:{getattr(node, 'lineno', 0)}"
+        if isinstance(node, ast.ImportFrom) and node.module:
+            root = node.module.split(".")[0]
+            names = {a.name for a in node.names}
+            if (root in UNPICKLING_MODULES and names & PICKLE_READERS and where not in PRIVATE_PIPE) or \
+                    (root == "torch" and "load" in names):
+                found.append(f"{line} from {node.module} import {', '.join(sorted(names))}")
+        if not isinstance(node, ast.Call):
+            continue
+        name = _dotted(node.func)
+        head, _, attr = name.rpartition(".")
+        if head.split(".")[0] in UNPICKLING_MODULES and attr in PICKLE_READERS and where not in PRIVATE_PIPE:
+            found.append(f"{line} {name}")
+        elif name in ("torch.load", "torch.serialization.load") and not _kwarg_is_true(node, "weights_only"):
+            found.append(f"{line} {name} without weights_only=True")
+        elif attr == "load" and head in ("np", "numpy") and _kwarg_is_true(node, "allow_pickle"):
+            found.append(f"{line} {name}(allow_pickle=True)")
+        elif attr == "read_pickle" or name == "torch.jit.load":
+            found.append(f"{line} {name}")
+    return found
+
+
+def _sources() -> dict[str, str]:
+    return {p.relative_to(SRC).as_posix(): p.read_text(encoding="utf-8") for p in sorted(SRC.rglob("*.py"))}
+
+
+def test_the_source_scan_catches_unpickling():
+    bad = ("import pickle, torch, numpy as np\nfrom joblib import load\npickle.load(open('f', 'rb'))\n"
+           "torch.load('x.pt')\ntorch.load('x.pt', weights_only=False)\nnp.load('a.npy', allow_pickle=True)\n")
+    assert len(unpickling_calls(bad, "x.py")) == 5
+    good = "import torch, numpy as np\ntorch.load('x.pt', weights_only=True)\nnp.load('a.npy')\n"
+    assert unpickling_calls(good, "x.py") == []
+
+
+def test_nothing_in_shearkit_unpickles_a_file():
+    """A new torch.load / pickle.load in src fails here: read safetensors or JSON, or pass weights_only=True."""
+    found = [hit for rel, text in _sources().items() for hit in unpickling_calls(text, rel)]
+    assert found == []
+    for rel in PRIVATE_PIPE:  # the one pickle user says why it is safe
+        assert "private pipe" in _sources()[rel]
