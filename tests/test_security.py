@@ -216,3 +216,77 @@ def test_nothing_in_shearkit_unpickles_a_file():
     assert found == []
     for rel in PRIVATE_PIPE:  # the one pickle user says why it is safe
         assert "private pipe" in _sources()[rel]
+
+
+# -- 3. a model's own code runs only with trust_remote_code ------------------------------------------
+
+EVIL = """from pathlib import Path
+Path({marker!r}).write_text("ran")
+from transformers import LlamaConfig, LlamaForCausalLM
+class EvilConfig(LlamaConfig):
+    pass
+class EvilModel(LlamaForCausalLM):
+    config_class = EvilConfig
+"""
+
+
+def trap(folder: Path, marker: Path, model_type: str | None = None) -> Path:
+    """Make a saved model folder point transformers at code that, when run, writes `marker`."""
+    (folder / "evil.py").write_text(EVIL.format(marker=str(marker)))
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    if model_type:
+        cfg["model_type"] = model_type
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_a_model_folders_code_runs_only_when_asked(tiny_model_dir, tmp_path):
+    marker = tmp_path / "ran"
+    trap(tiny_model_dir, marker)
+    shearkit.load(tiny_model_dir, device="cpu")
+    assert not marker.exists()
+    shearkit.load(tiny_model_dir, device="cpu", trust_remote_code=True)  # the trap works
+    assert marker.exists()
+
+
+def test_a_shearkit_model_is_built_by_shearkit_not_by_its_modeling_file(tmp_path, tiny_tokenizer):
+    from shearkit.io.save import save
+
+    model = make_tiny("llama")
+    shearkit.prune(model, None, "structured-magnitude", 0.3, allocation="global")
+    out = save(model, tiny_tokenizer, tmp_path / "m")
+    marker = tmp_path / "ran"
+    (out / "modeling_shearkit.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n")
+    loaded, _ = shearkit.load(out, device="cpu")
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert not marker.exists()
+
+
+def test_a_compressed_folder_never_offers_to_run_its_code(tmp_path, tiny_tokenizer, monkeypatch):
+    """transformers asks on the terminal when trust_remote_code is left unset; shearkit never leaves it unset."""
+    import builtins
+
+    from shearkit.io.sparse_export import save_compressed
+
+    out = save_compressed(make_tiny("llama"), tiny_tokenizer, tmp_path / "ct")
+    marker = tmp_path / "ran"
+    trap(out, marker, model_type="evilmodel")
+    monkeypatch.setattr(builtins, "input", lambda *a: "y")  # a user who answers yes, or a piped "y"
+    with pytest.raises(Exception, match="trust_remote_code"):
+        shearkit.load(out, device="cpu")
+    assert not marker.exists()
+
+
+def test_every_auto_class_call_says_whether_to_trust_remote_code():
+    """transformers' Auto* loaders ask, or decide, when trust_remote_code is unset: shearkit always sets it."""
+    missing = []
+    for rel, text in _sources().items():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr in ("from_pretrained", "from_config") \
+                    and _dotted(node.func.value).startswith("Auto") \
+                    and not any(k.arg == "trust_remote_code" for k in node.keywords):
+                missing.append(f"{rel}:{node.lineno}")
+    assert missing == []
