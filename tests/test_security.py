@@ -290,3 +290,63 @@ def test_every_auto_class_call_says_whether_to_trust_remote_code():
                     and not any(k.arg == "trust_remote_code" for k in node.keywords):
                 missing.append(f"{rel}:{node.lineno}")
     assert missing == []
+
+
+# -- 4. a recipe file stays inside the working directory and leaves remote code off ---------------
+
+def _recipe(tmp: Path, base: Path, text: Path, **top) -> Path:
+    r = tmp / "r.yaml"
+    data = {"model": {"name": str(base)}, "calib": {"dataset": str(text), "samples": 2, "seqlen": 16},
+            "prune": {"method": "magnitude", "ratio": 0.5}, "eval": {"tasks": [str(text)], "seqlen": 16, "limit": 1}}
+    for key, value in top.items():
+        section, _, name = key.partition("__")
+        if name:
+            data[section][name] = value
+        else:
+            data[key] = value
+    r.write_text(yaml.safe_dump(data))
+    return r
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "home"])
+def test_a_recipe_cannot_put_the_run_directory_outside_the_working_directory(workspace, monkeypatch, where):
+    tmp, base, text, _ = workspace
+    (tmp / "work").mkdir()
+    monkeypatch.chdir(tmp / "work")
+    monkeypatch.setenv("HOME", str(tmp / "home"))  # were `~` followed, it would lead here
+    outside = {"absolute": str(tmp / "elsewhere"), "dotdot": "runs/../../elsewhere", "home": "~/elsewhere"}[where]
+    with pytest.raises(ShearkitError, match=r"(?s)out: .*outside the working directory.*--out"):
+        invoke("run", _recipe(tmp, base, text, out=outside), "--dry-run")
+    assert not (tmp / "elsewhere").exists() and not (tmp / "home").exists()
+
+
+def test_a_recipe_out_inside_the_working_directory_or_an_explicit_out_is_used(workspace):
+    tmp, base, text, _ = workspace
+    invoke("run", _recipe(tmp, base, text, out="runs/inside"), "--dry-run")
+    assert (tmp / "runs" / "inside" / "plan.json").is_file()
+    outside = tmp.parent / f"{tmp.name}-elsewhere"
+    invoke("run", _recipe(tmp, base, text, out=str(outside)), "--dry-run", "--out", tmp / "given")
+    assert (tmp / "given" / "plan.json").is_file() and not outside.exists()
+
+
+@pytest.mark.parametrize("key, option", [("model__cache_dir", "--cache-dir"), ("prune__resume_dir", "--set prune.resume_dir"),
+                                         ("model__trust_remote_code", "--trust-remote-code")])
+def test_a_recipe_file_cannot_set_what_only_the_command_line_may(workspace, key, option):
+    tmp, base, text, _ = workspace
+    marker, outside = tmp / "ran", tmp.parent / f"elsewhere-{tmp.name}"
+    trap(base, marker)
+    value = True if key == "model__trust_remote_code" else str(outside)
+    recipe = _recipe(tmp, base, text, **{key: value})
+    with pytest.raises(ShearkitError, match=rf"(?s)sets {key.replace('__', '.')}: .*{option}"):
+        invoke("prune", "--recipe", recipe, "--dry-run", "--out", tmp / "run")
+    assert not marker.exists() and not (tmp / "run").exists() and not outside.exists()
+
+
+def test_the_command_line_may_set_them(workspace):
+    tmp, base, text, _ = workspace
+    marker = tmp / "ran"
+    trap(base, marker)
+    recipe = _recipe(tmp, base, text, model__cache_dir=str(tmp / "c"), model__trust_remote_code=True)
+    invoke("prune", "--recipe", recipe, "--dry-run", "--out", tmp / "run", "--cache-dir", tmp / "c",
+           "--trust-remote-code")
+    assert marker.exists()  # asked for on the command line: the model's code ran
