@@ -350,3 +350,51 @@ def test_the_command_line_may_set_them(workspace):
     invoke("prune", "--recipe", recipe, "--dry-run", "--out", tmp / "run", "--cache-dir", tmp / "c",
            "--trust-remote-code")
     assert marker.exists()  # asked for on the command line: the model's code ran
+
+
+# -- 5. generated modeling files hold no text from the model --------------------------------------
+
+PAYLOAD = 'X"\nimport os; os.system("touch pwned")  # '
+
+
+def _per_layer():
+    model = make_tiny("llama")
+    plan = shearkit.prune(model, None, "structured-magnitude", 0.3, allocation="global")
+    assert plan.extra["export"] == "per-layer"
+    return model
+
+
+def test_the_modeling_file_is_shearkits_own_source(tmp_path, tiny_tokenizer):
+    from shearkit.io.remote_code import source_for
+    from shearkit.io.save import save
+
+    model = _per_layer()
+    model.config.architectures = [PAYLOAD]
+    model.config._name_or_path = PAYLOAD
+    model.config.shearkit_note = PAYLOAD
+    out = save(model, tiny_tokenizer, tmp_path / "m")
+    text = (out / "modeling_shearkit.py").read_text()
+    assert text == source_for("LlamaForCausalLM") and "pwned" not in text
+
+
+def test_a_class_name_that_is_not_transformers_own_is_never_written(tmp_path, tiny_tokenizer):
+    from transformers import LlamaForCausalLM
+
+    from shearkit.io.save import save
+
+    model = _per_layer()
+    model.__class__ = type(PAYLOAD, (LlamaForCausalLM,), {})
+    with pytest.raises(ShearkitError, match="not a model class of this transformers"):
+        save(model, tiny_tokenizer, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("arch", ["pipeline", PAYLOAD, "NoSuchForCausalLM"])
+def test_a_config_architecture_picks_only_a_transformers_class(tmp_path, tiny_tokenizer, arch):
+    from shearkit.io.save import save
+
+    out = save(_per_layer(), tiny_tokenizer, tmp_path / "m")
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "architectures": [arch]}))
+    with pytest.raises(ShearkitError, match="not a model class of this transformers"):
+        shearkit.load(out, device="cpu")
