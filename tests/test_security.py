@@ -8,6 +8,7 @@ import ast
 import json
 import pickle
 import shutil
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -241,12 +242,23 @@ def trap(folder: Path, marker: Path, model_type: str | None = None) -> Path:
     return folder
 
 
-def test_a_model_folders_code_runs_only_when_asked(tiny_model_dir, tmp_path):
+@pytest.fixture
+def trap_name():
+    """A unique model folder name; transformers' copy of such a folder's code (in its modules cache) is
+    removed afterwards."""
+    from transformers.dynamic_module_utils import HF_MODULES_CACHE
+
+    name = f"shearkit_trap_{uuid.uuid4().hex[:12]}"
+    yield name
+    shutil.rmtree(Path(HF_MODULES_CACHE) / "transformers_modules" / name, ignore_errors=True)
+
+
+def test_a_model_folders_code_runs_only_when_asked(tiny_model_dir, tmp_path, trap_name):
     marker = tmp_path / "ran"
-    trap(tiny_model_dir, marker)
-    shearkit.load(tiny_model_dir, device="cpu")
+    folder = trap(shutil.copytree(tiny_model_dir, tmp_path / trap_name), marker)
+    shearkit.load(folder, device="cpu")
     assert not marker.exists()
-    shearkit.load(tiny_model_dir, device="cpu", trust_remote_code=True)  # the trap works
+    shearkit.load(folder, device="cpu", trust_remote_code=True)  # the trap works
     assert marker.exists()
 
 
@@ -264,13 +276,13 @@ def test_a_shearkit_model_is_built_by_shearkit_not_by_its_modeling_file(tmp_path
     assert not marker.exists()
 
 
-def test_a_compressed_folder_never_offers_to_run_its_code(tmp_path, tiny_tokenizer, monkeypatch):
+def test_a_compressed_folder_never_offers_to_run_its_code(tmp_path, tiny_tokenizer, monkeypatch, trap_name):
     """transformers asks on the terminal when trust_remote_code is left unset; shearkit never leaves it unset."""
     import builtins
 
     from shearkit.io.sparse_export import save_compressed
 
-    out = save_compressed(make_tiny("llama"), tiny_tokenizer, tmp_path / "ct")
+    out = save_compressed(make_tiny("llama"), tiny_tokenizer, tmp_path / trap_name)
     marker = tmp_path / "ran"
     trap(out, marker, model_type="evilmodel")
     monkeypatch.setattr(builtins, "input", lambda *a: "y")  # a user who answers yes, or a piped "y"
@@ -331,10 +343,10 @@ def test_a_recipe_out_inside_the_working_directory_or_an_explicit_out_is_used(wo
 
 @pytest.mark.parametrize("key, option", [("model__cache_dir", "--cache-dir"), ("prune__resume_dir", "--set prune.resume_dir"),
                                          ("model__trust_remote_code", "--trust-remote-code")])
-def test_a_recipe_file_cannot_set_what_only_the_command_line_may(workspace, key, option):
+def test_a_recipe_file_cannot_set_what_only_the_command_line_may(workspace, trap_name, key, option):
     tmp, base, text, _ = workspace
     marker, outside = tmp / "ran", tmp.parent / f"elsewhere-{tmp.name}"
-    trap(base, marker)
+    base = trap(shutil.copytree(base, tmp / trap_name), marker)
     value = True if key == "model__trust_remote_code" else str(outside)
     recipe = _recipe(tmp, base, text, **{key: value})
     with pytest.raises(ShearkitError, match=rf"(?s)sets {key.replace('__', '.')}: .*{option}"):
@@ -342,10 +354,10 @@ def test_a_recipe_file_cannot_set_what_only_the_command_line_may(workspace, key,
     assert not marker.exists() and not (tmp / "run").exists() and not outside.exists()
 
 
-def test_the_command_line_may_set_them(workspace):
+def test_the_command_line_may_set_them(workspace, trap_name):
     tmp, base, text, _ = workspace
     marker = tmp / "ran"
-    trap(base, marker)
+    base = trap(shutil.copytree(base, tmp / trap_name), marker)
     recipe = _recipe(tmp, base, text, model__cache_dir=str(tmp / "c"), model__trust_remote_code=True)
     invoke("prune", "--recipe", recipe, "--dry-run", "--out", tmp / "run", "--cache-dir", tmp / "c",
            "--trust-remote-code")
