@@ -9,10 +9,15 @@ eval: {tasks: [wikitext2, ptb], seqlen: 512, limit: 40}
 ```
 CLI flags and `--set section.key=value` override the file; the resolved recipe is written to
 the run directory. Unknown sections and keys are errors that suggest the closest valid name.
+
+A recipe file may come from elsewhere, so it cannot make shearkit write outside the working
+directory or run a model's own code: its `out` must stay inside the working directory, and the
+keys in `COMMAND_LINE_ONLY` count only when the command line gives them (a flag or `--set`).
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -79,6 +84,14 @@ class EvalConfig:
 SECTION_RESOLVERS: dict[str, Callable[[dict], Any]] = {}
 STATIC_SECTIONS: dict[str, type] = {"model": ModelConfig, "calib": CalibConfig, "eval": EvalConfig}
 TOP_LEVEL_KEYS = {"seed": int, "out": str, "name": str, "save_format": str, "eval_dense": bool}
+# keys a recipe file may not set (to anything but null/false): what they do, and how to give them instead
+COMMAND_LINE_ONLY: dict[str, tuple[str, str]] = {
+    "model.cache_dir": ("writes the model cache outside the run directory",
+                        "--cache-dir PATH (or --set model.cache_dir=PATH)"),
+    "model.trust_remote_code": ("runs Python code from the model's files",
+                                "--trust-remote-code (or --set model.trust_remote_code=true)"),
+    "prune.resume_dir": ("writes checkpoints outside the run directory", "--set prune.resume_dir=PATH"),
+}
 
 
 def register_section(name: str, resolver: Callable[[dict], Any]) -> None:
@@ -189,6 +202,18 @@ class Recipe:
     def calib(self) -> CalibConfig:
         return self.sections.setdefault("calib", CalibConfig())
 
+    def out_dir(self, cli_out: str | os.PathLike | None) -> str | os.PathLike | None:
+        """The run directory: `cli_out` (--out) as given, else the recipe's `out`, which must stay inside
+        the working directory (None: the command's default)."""
+        if cli_out:
+            return cli_out
+        out = self.top.get("out")
+        if out and not inside_working_dir(out):
+            raise ShearkitError(f"The recipe's out: {out!r} is outside the working directory; a recipe may only name "
+                                "a run directory inside it (a relative path that '..' does not lead out of). Remove it from the recipe "
+                                f"and give it on the command line instead: --out {out}")
+        return out or None
+
     def seeds(self) -> dict[str, int]:
         """Every seed the recipe sets, by where: `seed` (top level), `calib.seed`, `prune.seed`, ..."""
         out = {"seed": self.top["seed"]} if self.top.get("seed") is not None else {}
@@ -268,6 +293,33 @@ def resolve_recipe_path(path: str | Path) -> Path:
                         f"{did_you_mean(p.stem, builtin_recipes())}")
 
 
+def inside_working_dir(path: str) -> bool:
+    """True for a relative path that stays inside the working directory (symbolic links followed)."""
+    p = Path(path)
+    if str(path).startswith("~") or p.is_absolute():
+        return False
+    cwd = Path.cwd().resolve()
+    return (cwd / p).resolve().is_relative_to(cwd)
+
+
+def given_keys(extra: dict | None, overrides: list[str] | None) -> set[str]:
+    """The `section.key` names the command line sets: flags (`extra` values not None) and `--set`."""
+    keys = {f"{section}.{k}" for section, values in (extra or {}).items() if isinstance(values, dict)
+            for k, v in values.items() if v is not None}
+    return keys | {item.split("=", 1)[0] for item in overrides or []}
+
+
+def check_file_keys(data: dict, source: Path, given: set[str]) -> None:
+    """Refuse a recipe file's `COMMAND_LINE_ONLY` values that the command line does not set itself."""
+    for key, (effect, option) in COMMAND_LINE_ONLY.items():
+        section, name = key.split(".")
+        values = data.get(section)
+        value = values.get(name) if isinstance(values, dict) else None
+        if value and key not in given:
+            raise ShearkitError(f"Recipe {source} sets {key}: {value!r}, which {effect}; a recipe file may not. Remove "
+                                f"it from the recipe and give it on the command line instead: {option}.")
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
                 extra: dict | None = None) -> Recipe:
     """Read a YAML recipe (optional), merge `extra` section values (from CLI flags) and overrides."""
@@ -280,6 +332,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             raise ShearkitError(f"Recipe {p} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ShearkitError(f"Recipe {p} must be a mapping of sections (model, calib, prune, recover, eval).")
+        check_file_keys(data, p, given_keys(extra, overrides))
     for section, values in (extra or {}).items():
         if isinstance(values, dict):
             target = data.setdefault(section, {}) or {}

@@ -62,7 +62,7 @@ def run_eval(r, out: Optional[str], overwrite: bool) -> dict:
     from ..runs import RunDir, recipe_inputs
 
     check_recipe_data(r, parts=("eval",))  # bad task names, missing data: before a run directory or a model load
-    run = RunDir(out or r.top.get("out"), "eval", overwrite, inputs=recipe_inputs(r))
+    run = RunDir(r.out_dir(out), "eval", overwrite, inputs=recipe_inputs(r))
     with run:
         run.write_recipe(r)
         mc, ec = r.model, r.eval

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-import pickle
+import pickle  # only over the private pipe to our own child process: never a file or foreign input
 import subprocess
 import sys
 import threading

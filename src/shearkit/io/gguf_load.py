@@ -58,7 +58,7 @@ def load_shearkit_gguf(path: str | os.PathLike):
         tie_word_embeddings="output.weight" not in tensors, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     cfg.name_or_path = str(path)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, trust_remote_code=False)
     shapes = [{"modules": {"self_attn.q_proj": [heads[i] * head_dim, cfg.hidden_size],
                            "self_attn.k_proj": [kv[i] * head_dim, cfg.hidden_size],
                            "self_attn.v_proj": [kv[i] * head_dim, cfg.hidden_size],

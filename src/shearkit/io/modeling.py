@@ -20,6 +20,23 @@ def needs_modeling_file(config: dict) -> bool:
     return any(config.get(k) for k in REMOTE_KEYS)
 
 
+def transformers_class(name: str) -> type:
+    """transformers' model class called `name`; anything else (e.g. text from a config) is refused, so
+    only such a name ever goes into a modeling file or picks the class a model is built with."""
+    import transformers
+
+    from ..errors import ShearkitError
+
+    try:
+        cls = getattr(transformers, name) if isinstance(name, str) and name.isidentifier() else None
+    except (AttributeError, ImportError, RuntimeError):  # no such name, or a class whose backend is missing
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ShearkitError(f"'{str(name)[:80]}' is not a model class of this transformers version; shearkit builds "
+                            "and writes modeling files only for transformers' own classes (e.g. LlamaForCausalLM).")
+    return cls
+
+
 def is_shearkit_model(path: str | Path) -> bool:
     """True when a model directory's config records per-layer sizes or shared blocks."""
     cfg = Path(path) / "config.json"
@@ -40,8 +57,8 @@ def load_shearkit_model(path: str | Path, torch_dtype=None):
     if not archs:
         raise ShearkitError(f"{path}/config.json names no architecture; re-save the model with shearkit.save.")
     try:
-        cls = make_class(archs[0])
-    except AttributeError:
-        raise ShearkitError(f"{path}: architecture '{archs[0]}' is not in this transformers version.") from None
+        cls = make_class(transformers_class(archs[0]).__name__)
+    except ShearkitError as e:
+        raise ShearkitError(f"{path}: {e}") from None
     kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     return cls.from_pretrained(path, **kwargs)

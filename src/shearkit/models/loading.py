@@ -81,7 +81,7 @@ def _load_dir(path: Path, torch_dtype, trust_remote_code: bool):
         raise ShearkitError(f"{path} holds no .safetensors weights; shearkit loads safetensors only (never "
                             "pickled .bin files). Convert the checkpoint to safetensors first.")
     if is_compressed(config):  # written with --save-format compressed-tensors: decompress
-        model = load_compressed_model(path, torch_dtype)
+        model = load_compressed_model(path, torch_dtype, trust_remote_code=trust_remote_code)
     elif needs_modeling_file(config) and not trust_remote_code:
         model = load_shearkit_model(path, torch_dtype)
     else:
@@ -116,13 +116,14 @@ def load_gguf(path: str | os.PathLike):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # the GGUF file's own architectures only: never code from the folder it sits in
+    gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.name_or_path = str(path)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
     missing = [k for k in missing if k not in _tied_keys(model)]
     if missing or unexpected:
