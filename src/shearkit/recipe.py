@@ -209,9 +209,9 @@ class Recipe:
             return cli_out
         out = self.top.get("out")
         if out and not inside_working_dir(out):
-            raise ShearkitError(f"The recipe's out: {out!r} is outside the working directory; a recipe may only name "
-                                "a run directory inside it (a relative path that '..' does not lead out of). Remove it from the recipe "
-                                f"and give it on the command line instead: --out {out}")
+            raise ShearkitError(f"The recipe's out: {out!r} is outside the working directory; a recipe may only "
+                                "name a run directory inside it (a relative path that '..' does not lead out of). "
+                                f"Remove it from the recipe and give it on the command line instead: --out {out}")
         return out or None
 
     def seeds(self) -> dict[str, int]:
