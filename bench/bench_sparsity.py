@@ -24,6 +24,10 @@ import shearkit
 from shearkit.data import calibration_windows
 from shearkit.eval.perplexity import perplexity
 from shearkit.eval.speed import PeakMemory
+from shearkit.io.atomic import write_json
+
+PROTOCOL = ("smollm2-135m fp32 CPU; calib c4 64x512 seed 0; ppl_concat seqlen 512 first 40 windows; "
+            "OMP_NUM_THREADS=1 on a shared 2-core machine (timings inflated by contention)")
 
 
 def run_one(model_name, method, ratio, nm, calib, args) -> dict:
@@ -35,7 +39,8 @@ def run_one(model_name, method, ratio, nm, calib, args) -> dict:
     with PeakMemory(next(model.parameters()).device) as pm:
         plan = shearkit.prune(model, tok, method, ratio, calib=calib, **opts)
     wall = time.perf_counter() - t
-    row = {"method": method, "ratio": ratio, "nm": nm, "achieved": plan.ratio_achieved, "prune_s": round(wall, 1),
+    row = {"method": method, "ratio": ratio, "nm": nm, "ptb_text": "stripped lines",
+           "achieved": plan.ratio_achieved, "prune_s": round(wall, 1),
            "peak_mem_mb": round(pm.peak / 2**20), "optimizer": plan.extra.get("optimizer")}
     for ds in ("wikitext2", "ptb"):
         row[ds] = round(perplexity(model, tok, ds, seqlen=512, limit=args.limit, data_dir=args.data_dir)["ppl"], 3)
@@ -113,10 +118,10 @@ def main() -> None:
                 row = run_one(args.model, method, ratio, args.nm, calib, args)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    prev = json.loads(out.read_text()) if out.exists() else []
-    out.write_text(json.dumps(prev + rows, indent=2))
+    out = Path(args.out)  # {"protocol", "rows": prune rows, "memory": --memory records}; new rows appended
+    prev = json.loads(out.read_text()) if out.exists() else {"protocol": PROTOCOL, "rows": [], "memory": []}
+    prev["memory" if args.memory else "rows"] += rows
+    write_json(out, prev)
 
 
 if __name__ == "__main__":

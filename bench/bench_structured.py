@@ -5,8 +5,8 @@
 For each ratio: the prune pipeline with LLM-Pruner (16 calibration windows of 512 tokens from c4),
 perplexity (seqlen 512, first --limit windows) of the dense, pruned and recovered model; LoRA
 recovery on Alpaca for a fixed budget (steps x batch 4 x <=256 tokens); then prefill and decode
-tokens/s of the saved pruned model against the dense one, measured interleaved in one run, and the
-ideal speed-up (ratio of forward FLOPs per token, see shearkit/eval/flops.py). Each ratio's row
+tokens/s of the saved pruned model against the dense one (each in a child process of its own, repeats
+interleaved), and the ideal speed-up (ratio of forward FLOPs per token, see shearkit/eval/flops.py). Each ratio's row
 merges into bench/results/structured.json as soon as it is measured; `python bench/tables.py`
 renders the file into docs/benchmarks.md.
 """
@@ -67,7 +67,7 @@ def main() -> None:
         fd, fp = (forward_flops_per_token(x, a.length)["total"] for x in (dense, pruned))
         rec = m.get("recover", {})
         row = {"method": a.method, "ratio": ratio, "ratio_achieved": m["prune"]["ratio_achieved"],
-               "tasks": tasks, "limit": a.limit, "eval_seqlen": 512, "calib": "c4 16x512 seed 0",
+               "tasks": tasks, "limit": a.limit, "eval_seqlen": 512, "ptb_text": "stripped lines", "calib": "c4 16x512 seed 0",
                "prune_s": m["prune"]["wall_s"], "prune_peak_mib": m["prune"]["peak_memory_bytes"] / 2**20,
                "recover_steps": a.recover, "recover_budget": rec.get("budget"), "recover_s": rec.get("wall_s"),
                "recover_loss_first": rec.get("loss_first"), "recover_loss_last": rec.get("loss_last"),

@@ -14,7 +14,7 @@ because the machine is shared.
     SHEARKIT_DATA=<data dir> /work/venv/bin/python bench/compare_llmcompressor.py \
         [--methods sparsegpt,wanda] [--patterns unstructured,2:4] [--llmc-python /work/venv-llmc/bin/python]
 
-Writes bench/out/compare_llmc.json (updated after every run) and docs/compare_llmcompressor.md.
+Writes bench/results/compare_llmc.json (updated after every run) and docs/compare_llmcompressor.md.
 `--render-only` rewrites the markdown from the JSON.
 """
 from __future__ import annotations
@@ -315,7 +315,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--llmc-python", default="/work/venv-llmc/bin/python")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "compare_llmc.json"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "compare_llmc.json"))
     ap.add_argument("--doc", default=str(ROOT / "docs" / "compare_llmcompressor.md"))
     ap.add_argument("--workdir", default=None, help="where the calibration file and pruned weights go (default: a temp dir)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense model's perplexity")

@@ -183,7 +183,7 @@ def structured_speed(results: Path) -> list[str]:
     out += ["", f"Speed setting: prefill batch {s['batch']} × {s['length']} tokens, greedy decode of "
             f"{s['decode_tokens']} tokens after a {s['decode_prompt']}-token prompt, median of {s['repeats']} after "
             f"{s['warmup']} warm-up, {s['dtype'].replace('torch.', '')}, {s['device']}, {s['threads']} threads; "
-            "dense and pruned measured interleaved in one process. Speed-up = pruned tokens/s over dense."]
+            f"{s.get('process', 'dense and pruned measured in turn')}, repeats interleaved. Speed-up = pruned tokens/s over dense."]
     return out
 
 

@@ -50,3 +50,13 @@ def test_a_figure_typed_into_a_region_is_overwritten(tables):
 def test_every_region_names_a_known_table(tables):
     names = [m.group("name") for m in tables.REGION.finditer(DOC.read_text())]
     assert names and set(names) <= set(tables.TABLES)
+
+
+def test_grid_region_equals_what_grid_jsonl_gives():
+    """The grid's table (written by bench/run.py, not bench/tables.py) is checked against its results too."""
+    spec = importlib.util.spec_from_file_location("bench_grid_render", ROOT / "bench" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    doc = DOC.read_text()
+    region = doc[doc.index(run.START): doc.index(run.END) + len(run.END)]
+    assert run.grid_region(run.load_results()) == region, "the grid differs from grid.jsonl: python bench/run.py --render-only"

@@ -203,6 +203,10 @@ def test_cli_report_needs_overwrite_to_replace_a_report(tmp_path):
     assert (run / "report" / "report.md").stat().st_mtime_ns != before
     r = run_cli("report", str(run), "--out", str(tmp_path), "--overwrite")  # holds the run itself
     assert r.returncode == 2 and "Traceback" not in r.stderr and run.is_dir()
+    (run / "report" / "notes.txt").write_text("mine")  # a file of the user's beside the report
+    r = run_cli("report", str(run), "--overwrite")
+    assert r.returncode == 2 and "notes.txt" in r.stderr and "Traceback" not in r.stderr
+    assert (run / "report" / "notes.txt").read_text() == "mine"
 
 
 # -- data before anything else (item 8) ----------------------------------------------------------

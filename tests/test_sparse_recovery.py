@@ -247,13 +247,18 @@ def test_compressed_tensors_folder_loads_with_shearkit(tmp_path, tiny_tokenizer,
     assert all(torch.equal(derived.masks[k], plan.masks[k]) for k in plan.masks)
 
 
-def test_cli_eval_and_recover_on_a_compressed_tensors_folder(tmp_path, tiny_model_dir, chat_tok, inst_file,
+def test_cli_eval_bench_generate_recover_on_a_compressed_tensors_folder(tmp_path, tiny_model_dir, chat_tok, inst_file,
                                                             text_file):
     chat_tok.save_pretrained(tiny_model_dir)
     src = _pruned_model_dir(tmp_path, tiny_model_dir, text_file, "--save-format", "compressed-tensors")
     assert "quantization_config" in json.loads((src / "config.json").read_text())
     r = _invoke("eval", src, "--tasks", text_file, "--seqlen", 16, "--limit", 2, "--out", tmp_path / "ev", "--json")
     assert json.loads(r.stdout)[str(text_file)]["value"] > 1
+    r = _invoke("bench", src, "--length", 16, "--decode-tokens", 2, "--repeats", 1, "--warmup", 0, "--json",
+                "--out", tmp_path / "bn", "--device", "cpu")
+    assert json.loads(r.stdout)  # measured, not refused
+    r = _invoke("generate", src, "Hello", "--max-new-tokens", 3, "--raw", "--device", "cpu")
+    assert r.stdout.strip()
     pruned, _ = load_compressed(src)  # the decompressed weights, read independently of shearkit.load
     before = _weights(pruned)
     zeros = sum(int((w == 0).sum()) for w in before.values()) / sum(w.numel() for w in before.values())

@@ -51,9 +51,11 @@ def write_report(run_dir: str | os.PathLike, vs: Iterable[str | os.PathLike] = (
         if not target.is_dir():
             raise ShearkitError(f"{target} exists and is not a directory; choose another --out.")
         previous = any((target / f).is_file() for f in REPORT_FILES)
-        if any(target.iterdir()) and not previous:
-            raise ShearkitError(f"{target} already holds files that are not a shearkit report; choose another "
-                                "--out (shearkit replaces only a folder holding a previous report).")
+        foreign = sorted(p.name for p in target.iterdir() if p.name not in (*REPORT_FILES, "figures"))
+        if foreign or (any(target.iterdir()) and not previous):
+            raise ShearkitError(f"{target} already holds files that are not a shearkit report "
+                                f"({', '.join(foreign[:3]) or 'figures/ without a report'}); choose another --out "
+                                "(shearkit replaces only a folder holding a previous report and nothing else).")
         if previous and not overwrite:
             raise ShearkitError(f"{target} already holds a report; pass --overwrite to replace it, or choose "
                                 "another --out.")
