@@ -152,9 +152,12 @@ def test_grad_accumulation_equals_larger_batch(chat_tok, inst_file):
         torch.testing.assert_close(wa[n], wb[n], atol=1e-5, rtol=1e-4)
 
 
-def test_gradient_checkpointing_gives_the_same_training(chat_tok, inst_file):
-    a, ha = recover(make_tiny("llama"), chat_tok, cfg(inst_file, steps=2, merge=False))
-    b, hb = recover(make_tiny("llama"), chat_tok, cfg(inst_file, steps=2, merge=False, gradient_checkpointing=True))
+@pytest.mark.parametrize("lean", [{"gradient_checkpointing": True},
+                                  {"gradient_checkpointing": True, "loss_chunk": 5}], ids=["checkpointing", "both"])
+def test_gradient_checkpointing_gives_the_same_training(chat_tok, inst_file, lean):
+    """The memory settings (issue 16 item 3) follow the same loss curve to the same adapters."""
+    a, ha = recover(make_tiny("llama"), chat_tok, cfg(inst_file, steps=2, merge=False, loss_chunk=0))
+    b, hb = recover(make_tiny("llama"), chat_tok, cfg(inst_file, steps=2, merge=False, **lean))
     assert ha["losses"] == pytest.approx(hb["losses"], abs=1e-6)
     wa, wb = adapters(a), adapters(b)
     for n in wa:

@@ -39,6 +39,23 @@ def test_llm_pruner_runs_and_cuts(family):
     assert torch.isfinite(model(CALIB).logits).all()
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_llm_pruner_lean_gradient_pass_gives_the_same_scores_and_cuts(family):
+    """Its gradient pass recomputes activations and chunks the output head by default (issue 16 item 2):
+    the same Taylor statistics and the same plan as the pass that keeps everything."""
+    from shearkit.importance import collect_stats
+
+    model = make_tiny(family)
+    full = collect_stats(model, CALIB, grads=True)
+    lean = collect_stats(model, CALIB, grads=True, checkpointing=True, loss_chunk=5)
+    assert full.grads.keys() == lean.grads.keys()
+    for name in full.grads:
+        torch.testing.assert_close(lean.grads[name], full.grads[name], rtol=1e-4, atol=1e-7)
+    plans = [sk.prune(make_tiny(family), None, "llm-pruner", 0.3, calib=CALIB, dry_run=True, **kw).to_dict()
+             for kw in ({"checkpointing": False, "loss_chunk": 0}, {"loss_chunk": 5}, {})]
+    assert plans[0]["layers"] == plans[1]["layers"] == plans[2]["layers"]
+
+
 def test_uniform_allocation_gives_equal_widths_and_rounding():
     model = make_tiny("llama")
     plan = sk.prune(model, None, "structured-magnitude", 0.2, allocation="uniform", round_to=8, attn_unit="none")

@@ -117,7 +117,8 @@ def analyze(model: nn.Module, tokenizer, ratio: float, *, trial_ratio: float = 0
     if proxy == "taylor":
         from ..importance import collect_stats
 
-        stats = collect_stats(model, cal, grads=True, desc="taylor gradients" if progress else None)
+        stats = collect_stats(model, cal, grads=True, desc="taylor gradients" if progress else None,
+                              checkpointing=True, loss_chunk=256)  # same scores, a fraction of the memory
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()

@@ -36,7 +36,8 @@ class LLMPrunerConfig(StructuredConfig):
     default to LLM-Pruner's proportion of kept layers. allocation defaults to `global` (with the
     dense layers both allocations export per-layer widths; `allocation: uniform, dense_first: 0,
     dense_last: 0` gives a vanilla export). docs/benchmarks.md compares the variants on SmolLM2-135M
-    (`bench/bench_llm_pruner_variants.py`)."""
+    (`bench/bench_llm_pruner_variants.py`). checkpointing / loss_chunk: the gradient pass recomputes
+    activations and runs the output head in chunks (the same scores at a fraction of the memory)."""
 
     allocation: str = "global"
     taylor: str = "element"
@@ -45,9 +46,13 @@ class LLMPrunerConfig(StructuredConfig):
     batch_size: int = 1
     dense_first: int | None = None
     dense_last: int | None = None
+    checkpointing: bool = True  # recompute activations in the gradient pass: same scores, less memory
+    loss_chunk: int = 256  # output head on this many tokens at a time (0: full logits); same scores
 
     def __post_init__(self):
         super().__post_init__()
+        if self.loss_chunk < 0:
+            raise ShearkitError(f"prune.loss_chunk must be 0 (off) or a number of tokens, got {self.loss_chunk}.")
         if self.taylor not in TAYLOR_VARIANTS:
             raise ShearkitError(f"prune.taylor must be one of {', '.join(TAYLOR_VARIANTS)}, got '{self.taylor}'.")
         if self.max_calib < 1 or self.batch_size < 1:
@@ -69,7 +74,8 @@ class LLMPruner(StructuredMethod):
         if ctx.calib is None:
             raise ShearkitError("llm-pruner needs calibration tokens (gradients of the LM loss).")
         stats = collect_stats(model, ctx.calib[: cfg.max_calib], grads=True, batch_size=cfg.batch_size,
-                              desc="llm-pruner gradients")
+                              desc="llm-pruner gradients", checkpointing=cfg.checkpointing,
+                              loss_chunk=cfg.loss_chunk)
         self.extra.update(calib_loss=stats.loss, calib_tokens=stats.n_tokens)
         return group_scores(model, layers, cfg.attn_unit,
                             lambda m, gs: taylor(m, gs, stats, variant=cfg.taylor, aggregation=cfg.aggregation))
