@@ -97,6 +97,7 @@ class Extender:
         from .arch import get_adapter
         from .arch.modules import unwrap
         from .methods.flexigpt import resolve_rank
+        from .recovery.loop import train_summary
         from .surgery.extend import extend_blocks
         from .surgery.shared_block import train_only_shared_parts
 
@@ -118,8 +119,7 @@ class Extender:
             with train_only_shared_parts(m):
                 trainer = ctx.trainer(m, cfg.train_config(rank), name=SECTION, desc=SECTION)
                 history = trainer.fit(resume=ctx.resume)
-            record["train"] = {k: history.get(k) for k in ("steps_done", "loss_first", "loss_last", "time_s",
-                                                           "budget", "stopped", "resumed_from")}
+            record["train"] = train_summary(history, "resumed_from")
         record["params_after"] = get_adapter(m).param_counts()
         return record
 

@@ -65,9 +65,10 @@ def recover_cmd(
         h = metrics["recover"]
         typer.echo(f"loss {h['loss_first']:.4f} -> {h['loss_last']:.4f} over {h['steps_done']} steps; "
                    f"{h['budget']['statement']}" if h["loss_first"] is not None else "no step was trained")
-        if h.get("stopped"):
-            typer.echo(f"stopped early ({h['stopped']}) at step {h['stopped_at']}; kept the adapters of step "
-                       f"{h['restored_to_step']}")
+        if h.get("stop_message"):  # a NaN/divergence stop: where, what was kept, what to change
+            typer.echo(h["stop_message"])
+        elif h.get("stopped"):
+            typer.echo(f"stopped early ({h['stopped']}) at step {h['stopped_at']}")
 
 
 def run_recover(r, out: Optional[str], overwrite: bool, resume: bool = False, teacher: Optional[str] = None) -> dict:

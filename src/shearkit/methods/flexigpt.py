@@ -137,6 +137,7 @@ class FlexiGPT(BlockMethod):
         from ..graph.groups import base_block_params
         from ..graph.removal import layer_params_after
         from ..importance.shared_base import choose_bases
+        from ..recovery.loop import train_summary
         from ..surgery.shared_block import refuse_shared, share_block, train_only_shared_parts
 
         cfg = self.config
@@ -148,6 +149,7 @@ class FlexiGPT(BlockMethod):
         pruned = list(plan.blocks)
         bases, distances = choose_bases(m, pruned, rank, cfg.select)
         before, layers_before = base_block_params(m), layer_params_after(m)
+        torch.manual_seed(cfg.seed)  # `init: lora` draws A: the run is a function of the seed, not of the RNG's state
         for i in pruned:
             share_block(m, i, bases[i], rank, init=cfg.init, output_norm=cfg.output_norm, norm_init=cfg.norm_init)
         history = None
@@ -166,6 +168,5 @@ class FlexiGPT(BlockMethod):
                               "distances": {str(j): d for j, d in distances[i].items()}} for i in pruned],
         })
         if history is not None:
-            plan.extra["train"] = {k: history.get(k) for k in ("steps_done", "loss_first", "loss_last", "time_s",
-                                                                "budget", "stopped", "resumed_from")}
+            plan.extra["train"] = train_summary(history, "resumed_from")
         return plan

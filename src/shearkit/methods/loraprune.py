@@ -12,6 +12,9 @@ Lifecycle of `run`:
    picks the lowest-scored units, already pruned ones stay pruned, and the masks change so the
    forward sees exactly the pruned model (`surgery.output_masks`);
 4. merge LoRA and cut the pruned structures out physically (the shared surgery).
+A NaN/divergence stop of the training (`recovery.guard`) before the schedule reached the target is
+an error naming the step, and the model is given back without adapters or masks; after it, the
+pruned model keeps the last good adapters and `plan.extra["train"]` records the stop.
 
 Sample recipe (`recipes/loraprune.yaml`):
 ```yaml
@@ -37,7 +40,8 @@ import torch
 from ..errors import ShearkitError
 from ..importance.schedule import cubic_ratio
 from ..plan import Plan
-from ..recovery.loop import Callback
+from ..recovery.guard import diverged
+from ..recovery.loop import Callback, train_summary
 from .base import MethodContext
 from .structured import StructuredConfig, StructuredMethod, end_layers
 from . import register_method
@@ -135,7 +139,9 @@ class LoRAPruneScores(Callback):
             self.prune_to(r, step)
 
     def on_train_end(self, trainer, history: dict) -> None:
-        if not self.final:  # stopped early: the target is still reached, from the scores so far
+        # stopped early by a callback: the target is still reached, from the scores so far; after a
+        # NaN/divergence stop those scores are not trusted, and `run` refuses to finish
+        if not self.final and not diverged(history):
             self.prune_to(self.cfg.ratio, trainer.step)
 
     def state_dict(self) -> dict:
@@ -228,14 +234,18 @@ class LoRAPrune(StructuredMethod):
             history = trainer.fit(resume=ctx.resume)
         finally:
             scores.masks.remove()
+        if diverged(history) and not scores.final:
+            peft_model.unload()  # the model as given: the masks are gone, the base weights untouched
+            raise ShearkitError(f"LoRAPrune could not finish. {history['stop_message']} The schedule had pruned "
+                                f"ratio {scores.ratio:.3g} of prune.ratio {cfg.ratio:g} by then, so no model is "
+                                f"produced; the training settings are prune.train.* (lr now {tcfg.lr:g}).")
         plan = scores.plan
         plan.base, plan.ratio_target = described, cfg.ratio  # the model as given, the ratio asked for
         merged = peft_model.merge_and_unload()
         apply_structured(merged, plan)
         plan.extra.update({"schedule": scores.history, "skipped_steps": scores.skipped,
                            "normalized_scores": scores.normalize,
-                           "train": {k: history.get(k) for k in ("steps_done", "loss_first", "loss_last", "time_s",
-                                                                    "budget", "stopped")}})
+                           "train": train_summary(history)})
         return plan
 
     def score(self, model, ctx, layers):  # pragma: no cover - scores come from training, see `run`

@@ -12,7 +12,9 @@ Lifecycle of `run` (each stage checkpoints under the run directory, so a killed 
    the others given targets (KV groups, MLP channels) that reach `ratio` of the blocks' parameters
    (gamma 0 skips the trials: every node group gives the same fraction);
 4. LHSPG (`recovery.lhspg`, Alg. 4) through the shared `Trainer`: LoRA warm-up, then `periods`
-   periods that each drive a share of every node group's target to zero, the rest learning on;
+   periods that each drive a share of every node group's target to zero, the rest learning on (a
+   NaN/divergence stop here is an error naming the step: LHSPG's writes into the base weights
+   cannot be rolled back to the last good step);
 5. LoRA merged, the zeroed groups cut out physically (the shared surgery);
 6. dynamic knowledge recovery (`recovery.dynamic`, Alg. 5) with fresh LoRA: rounds over a
    mixture whose weights follow each source's measured degradation, phase by phase.
@@ -195,9 +197,10 @@ class LoRAShear(StructuredMethod):
         from ..graph.groups import layer_groups
         from ..graph.planner import finish_plan
         from ..recovery.dynamic import build_sources, dense_reference, dynamic_recover
+        from ..recovery.guard import diverged
         from ..recovery.lhspg import LHSPG
+        from ..recovery.loop import Trainer, train_summary
         from ..recovery.lora import lora_config
-        from ..recovery.loop import Trainer
         from ..recovery.mixture import MixtureSampler
         from ..surgery import apply_structured
 
@@ -263,6 +266,11 @@ class LoRAShear(StructuredMethod):
                           sampler=sampler, root=ctx.work_dir("lhspg"), data_dir=ctx.data_dir, desc="lhspg")
         lhspg_hist = trainer.fit(resume=ctx.resume)
         opt = state.optimizer
+        if diverged(lhspg_hist):  # the base weights LHSPG wrote into cannot go back to the kept step
+            raise ShearkitError(f"LoRAShear could not finish LHSPG. {lhspg_hist['stop_message']} LHSPG had pruned "
+                                f"{sum(map(len, opt.pruned.values()))} of its {sum(quotas.values())} groups by then, "
+                                f"so no model is produced; its training settings are prune.train.* (lr now "
+                                f"{tcfg.lr:g}).")
         short = {f"{k[0]}.{k[1]}": (len(opt.pruned[k]), q) for k, q in quotas.items() if len(opt.pruned[k]) != q}
         if short:
             raise ShearkitError(f"LHSPG stopped at step {lhspg_hist['steps_done']} of {tcfg.steps} "
@@ -286,13 +294,12 @@ class LoRAShear(StructuredMethod):
                                    root=ctx.work_dir("dynamic-recovery"), resume=ctx.resume)
         peft2.merge_and_unload()
 
-        keep = ("steps_done", "loss_first", "loss_last", "time_s", "budget", "stopped")
         plan.extra.update({
             "lhspg": {"variant": cfg.variant, "warmup_steps": warm, "periods": periods, "period_steps": per,
                       "quotas": {f"{k[0]}.{k[1]}": v for k, v in quotas.items()}, "history": opt.history,
-                      "train": {k: lhspg_hist.get(k) for k in keep}},
+                      "train": train_summary(lhspg_hist)},
             "recovery": {"adaptive": dcfg.adaptive, "rounds": rec_hist.get("rounds"), "dense_reference": dense,
-                         "train": {k: rec_hist.get(k) for k in keep}},
+                         "train": train_summary(rec_hist)},
             "data": {"sources": mixture.records, "disjoint": True},
         })
         # per-step / per-round series the run's report plots under "Method records"

@@ -3,6 +3,15 @@ from __future__ import annotations
 
 import math
 
+# stop reasons after which the trainer restored the last good weights (the run did not finish as planned)
+STOPS = ("nan", "diverged")
+
+
+def diverged(history: dict | None) -> bool:
+    """Whether a training history ended in a NaN/divergence stop (its weights are those of
+    `history["restored_to_step"]`; `history["stop_message"]` says where and what to change)."""
+    return bool(history) and history.get("stopped") in STOPS
+
 
 class DivergenceGuard:
     """Tracks the smoothed loss; judges each step's loss `ok`, `suspect` or a stop reason."""

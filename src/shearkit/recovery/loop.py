@@ -9,14 +9,19 @@ Lifecycle of one optimizer step `s` (1-based):
    step), so accumulating 2 x 1 sequences equals 1 x 2 sequences;
 2. gradient unscale and clipping; a NaN/inf loss or gradient, or a loss above `divergence` x
    the best smoothed loss for `divergence_patience` steps, stops training and restores the last
-   adapter weights whose loss was finite and in range;
+   adapter weights whose loss was finite and in range (`history["stop_message"]` names the step
+   and what to change; no checkpoint is written after it, so the earlier ones stay as they were);
 3. `on_before_optimizer_step` (every trainable parameter's `.grad` holds the clipped gradient);
 4. optimizer and scheduler step, `zero_grad`; `on_step_end` (may add keys to the step's record);
 5. evaluation (`on_evaluate`), logging, checkpoint (`on_checkpoint`) at their intervals; a
    callback's `trainer.request_stop(reason)` ends training after this step.
+Trainable weights that are not finite (an overflowing update, a callback's write) are caught
+before a checkpoint is written and after the last step, and stop training as a NaN loss does:
+neither a checkpoint nor the returned model ever holds them.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -32,11 +37,12 @@ from ..errors import ShearkitError
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .config import RecoverConfig
 from .data import IGNORE, TrainData, collate, pad_id
-from .guard import DivergenceGuard
+from .guard import STOPS, DivergenceGuard, diverged
 from .optimizers import OptimizerFactory, build_optimizer
 from .sampling import Sampler, StepSampler
 from .trainlog import TrainLog, plot_losses
 
+logger = logging.getLogger(__name__)
 SCHEDULE_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 _OTHER = "trainable."  # checkpoint key prefix of trainable parameters that are not LoRA factors
 # settings that must not change between a checkpoint and the run resuming from it
@@ -79,6 +85,16 @@ class Callback:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned (called on resume, before `on_train_begin`)."""
+
+
+def train_summary(history: dict, *extra: str) -> dict:
+    """What a plan or a run record keeps of a `fit` history: steps, losses, time, budget and the stop
+    reason (plus the `extra` keys); after a NaN/divergence stop also its step, the step whose weights
+    were kept, and the message saying what to change."""
+    out = {k: history.get(k) for k in ("steps_done", "loss_first", "loss_last", "time_s", "budget", "stopped", *extra)}
+    if diverged(history):
+        out.update({k: history.get(k) for k in ("stopped_at", "restored_to_step", "stop_message")})
+    return out
 
 
 def _is_peft(model) -> bool:
@@ -364,6 +380,36 @@ class Trainer:
                 cb.load_state_dict(states[cb.name])
         self.step, self.tokens_seen, self.label_tokens = st["step"], st["tokens_seen"], st["label_tokens"]
 
+    # -- divergence ------------------------------------------------------------------------------------
+
+    def _finite(self) -> bool:
+        """Whether every trainable weight is finite."""
+        with torch.no_grad():
+            return all(bool(torch.isfinite(p).all()) for p in self.params)
+
+    def _halt(self, reason: str, step: int, what: str, loss: float | None,
+              good: dict[str, torch.Tensor], good_step: int) -> None:
+        """Stop on a NaN/divergence at `step`: put back the trainable weights of `good_step` and record
+        the stop with a message that names the step and what to change."""
+        cfg = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for n, p in self.named_params.items():
+                p.copy_(good[n])
+        fixes = [f"a lower learning rate (lr, now {cfg.lr:g})",
+                 f"stronger gradient clipping (max_grad_norm, now {cfg.max_grad_norm:g})" if cfg.max_grad_norm > 0
+                 else "gradient clipping on (max_grad_norm, e.g. 1.0)"]
+        if reason == "diverged":
+            fixes.append(f"if such spikes are expected, a larger divergence (now {cfg.divergence:g}) or "
+                         f"divergence_patience (now {cfg.divergence_patience})")
+        msg = (f"{self.desc}: {what} at step {step} of {cfg.steps}; training stopped there and kept the trainable "
+               f"weights of step {good_step}. Rerun with {', or '.join(fixes)}.")
+        self.history.update(stopped=reason, stopped_at=step, stop_loss=loss, restored_to_step=good_step,
+                            stop_message=msg)
+        self.acc.print(msg)
+        if self.acc.is_main_process and logger.hasHandlers():  # run.log, when a run directory is open
+            logger.warning(msg)
+
     # -- the run -------------------------------------------------------------------------------------
 
     def fit(self, resume: bool = False) -> dict:
@@ -383,7 +429,7 @@ class Trainer:
             resumed_from = self.step
         start = self.step
         self.history = {"losses": [], "eval": {}, "stopped": None, "stopped_at": None, "stop_loss": None,
-                        "restored_to_step": None, "resumed_from": resumed_from}
+                        "restored_to_step": None, "stop_message": None, "resumed_from": resumed_from}
         history = self.history
         log = (TrainLog(self.root / "train_log.jsonl", resume_step=start)
                if self.root is not None and acc.is_main_process else None)
@@ -411,14 +457,12 @@ class Trainer:
                 grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
                 finite = grad_norm is None or math.isfinite(float(grad_norm))
                 verdict = self.guard.check(step_loss if finite else math.nan)
-                if verdict in ("nan", "diverged"):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    with torch.no_grad():
-                        for n, p in self.named_params.items():
-                            p.copy_(good[n])
-                    history.update(stopped=verdict, stopped_at=step, stop_loss=step_loss, restored_to_step=good_step)
-                    acc.print(f"{self.desc}: {'non-finite loss' if verdict == 'nan' else 'divergence'} at step "
-                              f"{step} (loss {step_loss:.4g}); restored the adapters of step {good_step}.")
+                if verdict in STOPS:
+                    norm = f", gradient norm {float(grad_norm):.4g}" if grad_norm is not None else ""
+                    what = (f"a non-finite loss or gradient (loss {step_loss:.4g}{norm})" if verdict == "nan" else
+                            f"divergence (loss {step_loss:.4g}, above {cfg.divergence:g} x the best smoothed loss "
+                            f"{self.guard.best:.4g} for {cfg.divergence_patience} step(s))")
+                    self._halt(verdict, step, what, step_loss, good, good_step)
                     break
                 if verdict == "ok":  # the weights this loss was measured on are known good
                     for n, p in self.named_params.items():
@@ -444,6 +488,10 @@ class Trainer:
                     log.append(record)
                 stopping = self._stop is not None
                 if self.root is not None and cfg.save_every and (step % cfg.save_every == 0 or stopping):
+                    if not self._finite():  # never checkpoint them
+                        self._halt("nan", step, "non-finite trainable weights after the update", step_loss, good,
+                                   good_step)
+                        break
                     self._save(step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}")
@@ -451,6 +499,9 @@ class Trainer:
                     history.update(stopped=self._stop, stopped_at=step)
                     break
             bar.close()
+            if not diverged(history) and not self._finite():  # the last update: never returned
+                self._halt("nan", self.step, "non-finite trainable weights after the update",
+                           history["losses"][-1] if history["losses"] else None, good, good_step)
             elapsed = time.perf_counter() - t0 - self._eval_time  # training time only
             history["eval_time_s"] = self._eval_time
             if history["restored_to_step"] is not None and cfg.eval_every:
