@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -109,13 +110,19 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
-        if d.get("schema_version", 1) > SCHEMA_VERSION:
+        """A plan from its JSON record; a record with unknown, missing or mistyped keys is refused by key."""
+        if not isinstance(d, dict):
+            raise ShearkitError(f"A plan must be a JSON object of keys (method, kind, ratio_target, ...), got "
+                                f"{type(d).__name__}.")
+        version = d.get("schema_version", 1)
+        if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
             raise ShearkitError(f"Plan schema {d['schema_version']} is newer than this shearkit reads "
                                 f"({SCHEMA_VERSION}); upgrade shearkit.")
         names = {f.name for f in dataclasses.fields(cls) if f.metadata.get("json", True)}
         unknown_keys = set(d) - names
         if unknown_keys:
-            raise ShearkitError(f"Plan has unknown keys: {', '.join(sorted(unknown_keys))}.")
+            raise ShearkitError(f"Plan has unknown keys: {', '.join(sorted(map(str, unknown_keys)))}.")
+        check_record(d)
         return cls(**d)
 
     def save(self, path: str | Path, masks_file: str | None = None) -> None:
@@ -146,9 +153,11 @@ class Plan:
         if not p.exists():
             raise ShearkitError(f"Plan file not found: {p}")
         try:
-            plan = cls.from_dict(json.loads(p.read_text()))
-        except json.JSONDecodeError as e:
+            plan = cls.from_dict(json.loads(p.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ShearkitError(f"{p} is not a valid plan (JSON error: {e}).") from None
+        except ShearkitError as e:
+            raise ShearkitError(f"{p} is not a valid plan: {e}") from None
         if plan.kind == "unstructured":
             from .sparsity.apply import MASKS_FILE, load_masks, masks_from_model
 
@@ -176,6 +185,57 @@ class Plan:
                     cells.append(f"{k}: {_short(v)}")
             rows.append([li, "; ".join(cells)])
         return rows
+
+
+KINDS = ("structured", "unstructured", "blocks")
+# what each key of a plan record holds: (a description for the error, a test of the value)
+_FIELD_TYPES: dict[str, tuple[str, Any]] = {
+    "method": ("a string", lambda v: isinstance(v, str)),
+    "kind": (" or ".join(KINDS), lambda v: v in KINDS),
+    "ratio_target": ("a finite number", lambda v: _is_number(v)),
+    "ratio_achieved": ("a finite number", lambda v: _is_number(v)),
+    "base": ("an object", lambda v: isinstance(v, dict)),
+    "config": ("an object", lambda v: isinstance(v, dict)),
+    "layers": ("an object of layer index -> object of entries",
+               lambda v: isinstance(v, dict) and all(_is_index(k) and isinstance(e, dict) for k, e in v.items())),
+    "blocks": ("a list of block indices", lambda v: isinstance(v, list) and all(_is_int(i) for i in v)),
+    "replaced": ("an object of block index -> block index",
+                 lambda v: isinstance(v, dict) and all(_is_index(k) and _is_int(i) for k, i in v.items())),
+    "hidden_channels": ("a list of channel indices", lambda v: isinstance(v, list) and all(_is_int(i) for i in v)),
+    "extra": ("an object", lambda v: isinstance(v, dict)),
+    "schema_version": ("an integer", lambda v: _is_int(v)),
+    "shearkit_version": ("a string", lambda v: isinstance(v, str)),
+    "created": ("a string", lambda v: isinstance(v, str)),
+    "masks_file": ("a file name or null", lambda v: v is None or (isinstance(v, str) and v != "")),
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _is_index(k: Any) -> bool:
+    return isinstance(k, str) and k.isascii() and k.isdigit()
+
+
+def check_record(d: dict[str, Any]) -> None:
+    """Refuse a plan record that lacks a required key or holds a value of the wrong type, naming the key."""
+    missing = [k for k in ("method", "kind", "ratio_target") if k not in d]
+    if missing:
+        raise ShearkitError(f"Plan is missing keys: {', '.join(missing)}.")
+    for key, value in d.items():
+        what, ok = _FIELD_TYPES[key]
+        if not ok(value):
+            raise ShearkitError(f"Plan key '{key}' must be {what}, got {_clip(value)}.")
+
+
+def _clip(v: Any, n: int = 80) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
 
 
 def _short(v: Any) -> str:

@@ -17,6 +17,7 @@ keys in `COMMAND_LINE_ONLY` count only when the command line gives them (a flag 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -121,6 +122,8 @@ def build_config(cls: type, data: dict | None, where: str) -> Any:
     data = dict(data or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
+        if not isinstance(key, str):
+            raise ShearkitError(f"Key {key!r} in '{where}' is not a name; valid keys of '{where}': {', '.join(fields)}.")
         if key not in fields:
             raise ShearkitError(f"Unknown key '{where}.{key}'.{did_you_mean(key, fields)} "
                                 f"Valid keys of '{where}': {', '.join(fields)}.")
@@ -170,9 +173,13 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         try:
             if hint is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return hint(value) if not isinstance(value, str) else hint(float(value) if hint is float else int(value))
-        except (TypeError, ValueError):
-            raise ShearkitError(f"{where} must be {'an integer' if hint is int else 'a number'}, got {value!r}.") from None
+            number = hint(value) if not isinstance(value, str) else hint(float(value) if hint is float else int(value))
+            if hint is float and not math.isfinite(number):  # NaN passes every range check: refuse it here
+                raise ValueError
+            return number
+        except (TypeError, ValueError, OverflowError):
+            raise ShearkitError(f"{where} must be {'an integer' if hint is int else 'a finite number'}, "
+                                f"got {value!r}.") from None
     if hint is str:
         if isinstance(value, (dict, list)):
             raise ShearkitError(f"{where} must be a string, got {value!r}.")
@@ -208,6 +215,9 @@ class Recipe:
         if cli_out:
             return cli_out
         out = self.top.get("out")
+        if out and "\x00" in out:
+            raise ShearkitError(f"The recipe's out: {out!r} holds a NUL character, which no folder name can; "
+                                "give a plain folder name.")
         if out and not inside_working_dir(out):
             raise ShearkitError(f"The recipe's out: {out!r} is outside the working directory; a recipe may only "
                                 "name a run directory inside it (a relative path that '..' does not lead out of). "
@@ -240,6 +250,8 @@ def parse_recipe(data: dict | None, overrides: list[str] | None = None) -> Recip
     valid = [*STATIC_SECTIONS, *SECTION_RESOLVERS, *TOP_LEVEL_KEYS]
     recipe = Recipe()
     for key, value in data.items():
+        if not isinstance(key, str):
+            raise ShearkitError(f"Recipe key {key!r} is not a name; valid sections: {', '.join(sorted(valid))}.")
         if key in TOP_LEVEL_KEYS:
             recipe.top[key] = coerce(value, TOP_LEVEL_KEYS[key], key)
         elif key in STATIC_SECTIONS:
@@ -263,7 +275,11 @@ def apply_override(data: dict, item: str) -> None:
         raise ShearkitError(f"--set expects section.key=value (e.g. eval.seqlen=512), got '{item}'.")
     path, raw = item.split("=", 1)
     *parents, key = path.split(".")
-    value = yaml.safe_load(raw) if raw != "" else None
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ShearkitError(f"--set {path}: the value {raw!r} is not valid YAML ({str(e).splitlines()[0]}); "
+                            "quote it to give a string, e.g. --set 'eval.tasks=\"a,b\"'.") from None
     node = data
     for depth, name in enumerate(parents):
         node = node.setdefault(name, {})
@@ -327,8 +343,10 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = resolve_recipe_path(path)
         try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ShearkitError(f"Recipe {p} is not UTF-8 text ({e}); save it as UTF-8.") from None
+        except (yaml.YAMLError, RecursionError) as e:  # RecursionError: nested too deeply to read
             raise ShearkitError(f"Recipe {p} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ShearkitError(f"Recipe {p} must be a mapping of sections (model, calib, prune, recover, eval).")

@@ -139,30 +139,66 @@ def _read_rows(path: Path, strip: bool = False) -> list[str]:
     (blank lines become '', other lines keep their trailing newline, which is what the
     WikiText-2 perplexity protocol joins); with `strip`, each line stripped, as the PTB hub
     script (`ptb_text_only`) yields them. jsonl/json: the `text` field of each record."""
-    if path.suffix == ".jsonl":
-        out = []
+    if path.suffix in (".jsonl", ".json"):
+        return [_record_text(r, path, i) for i, r in enumerate(read_records(path))]
+    try:
         with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    rec = json.loads(line)
-                    out.append(_record_text(rec, path, i))
-        return out
-    if path.suffix == ".json":
-        recs = json.loads(path.read_text(encoding="utf-8"))
-        return [_record_text(r, path, i) for i, r in enumerate(recs)]
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() if strip else (line if line.strip() else "") for line in f]
+            return [line.strip() if strip else (line if line.strip() else "") for line in f]
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+
+
+def read_records(path: Path) -> list:
+    """The records of a .json file (a JSON list) or a .jsonl file (one JSON value per non-blank line);
+    a file that is not UTF-8 or not valid JSON raises ShearkitError naming the file (and line)."""
+    try:
+        if path.suffix == ".jsonl":
+            recs = []
+            with open(path, encoding="utf-8") as f:
+                for i, line in enumerate(f):
+                    if not line.strip():
+                        continue
+                    try:
+                        recs.append(json.loads(line))
+                    except (json.JSONDecodeError, RecursionError) as e:
+                        raise ShearkitError(f"{path} line {i + 1} is not valid JSON ({e}); a .jsonl file holds one "
+                                            "JSON record per line.") from None
+            return recs
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+    try:
+        recs = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ShearkitError(f"{path} is not valid JSON ({e}); a .json data file holds a list of records "
+                            "(use .jsonl for one record per line).") from None
+    if not isinstance(recs, list):
+        raise ShearkitError(f"{path} holds a JSON {type(recs).__name__}, not a list of records; a .json data file "
+                            "holds a list such as [{\"text\": \"...\"}, ...].")
+    return recs
+
+
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> ShearkitError:
+    return ShearkitError(f"{path} is not UTF-8 text ({e}); convert it to UTF-8.")
 
 
 def _record_text(rec, path: Path, i: int) -> str:
     if isinstance(rec, str):
         return rec
+    if not isinstance(rec, dict):
+        raise ShearkitError(f"{path} record {i} is a {type(rec).__name__}; each record must be a string or an "
+                            "object with a 'text' field.")
     for key in ("text", "sentence", "content"):
         if key in rec:
+            if not isinstance(rec[key], str):
+                raise ShearkitError(f"{path} record {i}: '{key}' must be a string, got {type(rec[key]).__name__}.")
             return rec[key]
     if "instruction" in rec:  # instruction data used as plain text
-        return "\n".join(x for x in (rec.get("instruction"), rec.get("input"), rec.get("output")) if x)
-    raise ShearkitError(f"{path} record {i} has no 'text' field (keys: {', '.join(rec)}).")
+        parts = [rec.get(k) for k in ("instruction", "input", "output")]
+        if not all(x is None or isinstance(x, str) for x in parts):
+            raise ShearkitError(f"{path} record {i}: 'instruction', 'input' and 'output' must be strings.")
+        return "\n".join(x for x in parts if x)
+    raise ShearkitError(f"{path} record {i} has no 'text' field (keys: {', '.join(map(str, rec))}).")
 
 
 def _hub_rows(ds: TextSet, split: str, joiner: str) -> TextRows:
@@ -191,8 +227,7 @@ def load_instructions(name: str, data_dir: str | os.PathLike | None = None) -> l
         path = Path(name)
         if not path.exists():
             raise ShearkitError(f"Instruction file not found: {path}")
-        recs = ([json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
-                if path.suffix == ".jsonl" else json.loads(path.read_text(encoding="utf-8")))
+        recs = read_records(path)
     else:
         if name not in DATASETS:
             raise unknown("data set", name, DATASETS)
@@ -204,9 +239,20 @@ def load_instructions(name: str, data_dir: str | os.PathLike | None = None) -> l
         if root is None:
             raise ShearkitError(f"Instruction set '{name}' needs the local data directory: set ${DATA_ENV} or "
                                 "pass --data-dir.")
-        recs = json.loads((root / ds.splits["train"][0]).read_text(encoding="utf-8"))
-    bad = [i for i, r in enumerate(recs) if not isinstance(r, dict) or "instruction" not in r or "output" not in r]
+        recs = read_records(root / ds.splits["train"][0])
+    bad = [i for i, r in enumerate(recs) if not _is_instruction(r)]
     if bad or not recs:
-        raise ShearkitError(f"Instruction data '{name}' must be a list of records with 'instruction' and 'output' "
-                            f"(and optional 'input'); record {bad[0] if bad else 0} is not.")
+        raise ShearkitError(f"Instruction data '{name}' must be a list of records with string fields 'instruction' "
+                            "and 'output' (and optional 'input', and 'history': a list of [question, answer] "
+                            f"strings); record {bad[0] if bad else 0} is not.")
     return recs
+
+
+def _is_instruction(rec) -> bool:
+    """True for an instruction record whose fields hold what `format_instruction` reads."""
+    if not (isinstance(rec, dict) and isinstance(rec.get("instruction"), str) and isinstance(rec.get("output"), str)):
+        return False
+    history = rec.get("history")
+    return (rec.get("input") is None or isinstance(rec["input"], str)) and (history is None or (
+        isinstance(history, list) and all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t)
+                                          for t in history)))

@@ -54,8 +54,9 @@ def load_shearkit_model(path: str | Path, torch_dtype=None):
 
     cfg = json.loads((Path(path) / "config.json").read_text())
     archs = cfg.get("architectures") or []
-    if not archs:
-        raise ShearkitError(f"{path}/config.json names no architecture; re-save the model with shearkit.save.")
+    if not archs or not isinstance(archs, list):
+        raise ShearkitError(f"{path}/config.json names no architecture (a list such as [\"LlamaForCausalLM\"]); "
+                            "re-save the model with shearkit.save.")
     try:
         cls = make_class(transformers_class(archs[0]).__name__)
     except ShearkitError as e:

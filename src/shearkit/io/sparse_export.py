@@ -163,8 +163,8 @@ def save_compressed(model, tokenizer, out: str | os.PathLike, fmt: str = "auto",
 
 def is_compressed(config: dict) -> bool:
     """True when a config.json (as a dict) marks a compressed-tensors sparse model."""
-    q = config.get("quantization_config") or {}
-    return q.get("quant_method") == "compressed-tensors" and bool(q.get("sparsity_config"))
+    q = config.get("quantization_config")
+    return isinstance(q, dict) and q.get("quant_method") == "compressed-tensors" and bool(q.get("sparsity_config"))
 
 
 def decompress_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -202,6 +202,9 @@ def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = N
     cfg_data = read_config(path)
     if not is_compressed(cfg_data):
         raise ShearkitError(f"{path} has no compressed-tensors sparsity_config; load it with shearkit.load.")
+    if not isinstance(cfg_data["quantization_config"]["sparsity_config"], dict):
+        raise ShearkitError(f"{path}/config.json is damaged: quantization_config.sparsity_config must be an object; "
+                            "re-save the model.")
     if cfg_data["quantization_config"].get("config_groups"):
         raise ShearkitError(f"{path} is a quantized compressed-tensors model; shearkit reads only the sparse "
                             "layouts (sparse-bitmask, sparse-24-bitmask) without quantization.")

@@ -23,8 +23,10 @@ def weight_files(path: str | Path) -> list[Path]:
     index = path / WEIGHTS_INDEX
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            if not all(isinstance(s, str) and s for s in shards):
+                raise TypeError("weight_map must map tensor names to shard file names")
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, AttributeError, TypeError) as e:
             raise ShearkitError(f"{index} is damaged ({type(e).__name__}: {e}); re-save or re-download the "
                                 "model.") from None
         return [path / s for s in shards]
@@ -37,7 +39,11 @@ def check_safetensors(file: str | Path, what: str = "weights file") -> None:
     from safetensors import SafetensorError, safe_open
 
     file = Path(file)
-    if not file.is_file():
+    try:
+        exists = file.is_file()
+    except OSError:  # e.g. a name too long for the file system
+        exists = False
+    if not exists:
         raise ShearkitError(f"The {what} {file} is missing; re-save or re-download the model.")
     try:
         with safe_open(str(file), "pt") as f:
@@ -56,9 +62,14 @@ def check_weight_files(path: str | Path) -> list[Path]:
 
 
 def read_config(path: str | Path) -> dict:
-    """A model directory's config.json as a dict; unreadable JSON raises ShearkitError naming the file."""
+    """A model directory's config.json as a dict; unreadable JSON, or JSON that is not an object, raises
+    ShearkitError naming the file."""
     cfg = Path(path) / "config.json"
     try:
-        return json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        config = json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ShearkitError(f"{cfg} is damaged (not valid JSON: {e}); re-save or re-download the model.") from None
+    if not isinstance(config, dict):
+        raise ShearkitError(f"{cfg} is damaged: it holds a JSON {type(config).__name__}, not an object of config keys; "
+                            "re-save or re-download the model.")
+    return config

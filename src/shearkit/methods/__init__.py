@@ -107,6 +107,8 @@ def method_config(data: dict) -> PruneConfig:
     name = data.get("method")
     if not name:
         raise ShearkitError(f"The prune section needs a 'method'; methods: {', '.join(sorted(METHODS))}.")
+    if not isinstance(name, str):
+        raise ShearkitError(f"prune.method must be a method name, got {name!r}; methods: {', '.join(sorted(METHODS))}.")
     cls = get_method(name)
     if data.get("nm") is not None and not _takes_nm(cls):
         raise ShearkitError(f"N:M sparsity (--nm / prune.nm) applies only to unstructured methods, and '{name}' is "

@@ -69,6 +69,7 @@ def load(
 
 
 def _load_dir(path: Path, torch_dtype, trust_remote_code: bool):
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..io.modeling import load_shearkit_model, needs_modeling_file
@@ -80,15 +81,32 @@ def _load_dir(path: Path, torch_dtype, trust_remote_code: bool):
     if not weights:
         raise ShearkitError(f"{path} holds no .safetensors weights; shearkit loads safetensors only (never "
                             "pickled .bin files). Convert the checkpoint to safetensors first.")
-    if is_compressed(config):  # written with --save-format compressed-tensors: decompress
-        model = load_compressed_model(path, torch_dtype, trust_remote_code=trust_remote_code)
-    elif needs_modeling_file(config) and not trust_remote_code:
-        model = load_shearkit_model(path, torch_dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=True)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        if is_compressed(config):  # written with --save-format compressed-tensors: decompress
+            model = load_compressed_model(path, torch_dtype, trust_remote_code=trust_remote_code)
+        elif needs_modeling_file(config) and not trust_remote_code:
+            model = load_shearkit_model(path, torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                         use_safetensors=True)
+    except (ShearkitError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers raises many types (strict config checks, sizes, names)
+        raise ShearkitError(f"Cannot build the model of {path} from its config.json ({_brief(e)}). Fix that "
+                            "value, or re-save or re-download the model.") from e  # the cause kept for a bug of ours
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - missing files, or a config.json (read again here) it cannot take
+        raise ShearkitError(f"transformers cannot load the tokenizer of {path} ({_brief(e)}); check its config.json "
+                            "and tokenizer files, or save the model's tokenizer beside it "
+                            "(tokenizer.save_pretrained).") from None
     return model, tok
+
+
+def _brief(e: BaseException, limit: int = 1000) -> str:
+    """`Type: message` on one line, cut to a readable length."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 def _load_hub(name: str, torch_dtype, trust_remote_code: bool):

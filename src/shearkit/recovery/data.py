@@ -72,8 +72,10 @@ def _first_record(path: Path):
                         return json.loads(line)
             return None
         recs = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise ShearkitError(f"Recovery data file {path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ShearkitError(f"Recovery data file {path} is not UTF-8 text ({e}); convert it to UTF-8.") from None
     return recs[0] if isinstance(recs, list) and recs else recs
 
 

@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -177,7 +177,27 @@ def load_masks(path: str | os.PathLike) -> PackedMasks:
         if meta.get("format") != "shearkit-packed-masks":
             raise ShearkitError(f"{path} is not a shearkit mask file.")
         packed = {k: f.get_tensor(k) for k in f.keys()}
-    return PackedMasks(packed, json.loads(meta["shapes"]))
+    try:
+        shapes = json.loads(meta.get("shapes", ""))
+    except (json.JSONDecodeError, RecursionError):
+        shapes = None
+    if not _shapes_match(packed, shapes):
+        raise ShearkitError(f"{path} is damaged: its record of mask shapes is missing or does not match the masks "
+                            "it holds. Re-save the plan, or prune again.")
+    return PackedMasks(packed, shapes)
+
+
+def _shapes_match(packed: dict[str, torch.Tensor], shapes: Any) -> bool:
+    """True when `shapes` gives each packed mask a shape that its bit-packed tensor holds."""
+    if not isinstance(shapes, dict) or set(shapes) != set(packed):
+        return False
+    for name, t in packed.items():
+        shape = shapes[name]
+        if not (isinstance(shape, list) and len(shape) == t.dim() >= 1 and t.dtype == torch.uint8
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+                and list(t.shape) == [*shape[:-1], (shape[-1] + 7) // 8]):
+            return False
+    return True
 
 
 @torch.no_grad()
