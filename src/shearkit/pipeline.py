@@ -38,7 +38,7 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
         raise ShearkitError("The recipe has neither a 'prune' nor a 'recover' section: nothing to run. "
                             "Add e.g. `prune: {method: llm-pruner, ratio: 0.2}`.")
     check_recipe_data(recipe)  # every data set the run reads, before a run directory or a model load
-    run = RunDir(recipe.out_dir(out), command, overwrite, reuse=resume, inputs=recipe_inputs(recipe))
+    run = RunDir(recipe.out_dir(out), command, overwrite, reuse=resume, inputs=recipe_inputs(recipe), recipe=recipe)
     if resume and (run.path / "model").exists():  # the resumed run replaces its own saved model, never an input
         from .io.guard import refuse_unsafe_removal
 

@@ -43,8 +43,10 @@ def prune(model, tokenizer, method: str | PruneConfig, ratio: float | None = Non
             64 windows of 512 tokens from `c4`.
         dry_run: decide the plan without changing `model`.
         data_dir: folder of local data sets (calibration, and training data for methods that train).
-        run_dir: a folder where a method that trains keeps its logs and checkpoints (None: it
-            writes nothing); `resume`: continue such a method from its checkpoints there.
+        run_dir: a folder where the method keeps its checkpoints (the blockwise loop's finished
+            blocks, a gradient pass's accumulators, training checkpoints and logs; None: it writes
+            nothing); `resume`: continue the method from its checkpoints there, to the result of an
+            uninterrupted run (a checkpoint made under other settings, data or base weights is refused).
         options: further fields of the method's config.
 
     Raises:

@@ -121,6 +121,47 @@ def _default_inputs() -> list[str]:
     return [p for p in (os.environ.get("SHEARKIT_DATA"), str(cache_root())) if p]
 
 
+# recipe keys a resumed run may change: where the run directory is and what it is called
+RESUME_FREE_KEYS = ("out", "name")
+
+
+def check_same_recipe(path: str | os.PathLike, recipe) -> None:
+    """Refuse to continue the run in `path` with a recipe other than the one it was started with
+    (its `recipe.yaml`; a run stopped before writing one may go on with any), naming every key that
+    differs with its old and new value. The checkpoints of every stage were written under the old
+    recipe, so going on under another would end in a model neither recipe describes."""
+    import yaml
+
+    from .io.stage_state import differing_keys, flatten
+
+    f = Path(path) / "recipe.yaml"
+    try:
+        old = yaml.safe_load(f.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        old = e
+    if not isinstance(old, dict):
+        raise ShearkitError(f"Cannot resume {path}: its recipe.yaml cannot be read as a recipe "
+                            f"({' '.join(str(old).split())[:200]}); start "
+                            "a new run (another --out, or --overwrite).") from None
+    new = yaml.safe_load(recipe.to_yaml())
+    old, new = ({k: v for k, v in d.items() if k not in RESUME_FREE_KEYS} for d in (old, new))
+    changed = differing_keys(old, new)
+    if not changed:
+        return
+    a, b = flatten(old), flatten(new)
+
+    def show(d: dict, k: str) -> str:
+        return repr(d[k]) if k in d else "(not set)"
+
+    shown = [f"{k}: {show(a, k)} -> {show(b, k)}" for k in changed[:8]]
+    more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+    raise ShearkitError(f"Cannot resume {path} with another recipe: {'; '.join(shown)}{more}. Resume with the "
+                        "command and options the run was started with (its recipe is in recipe.yaml), or start a "
+                        "new run (another --out, or --overwrite).")
+
+
 class RunDir:
     """A run directory being written; use it as a context manager so the marker records how the run ended.
 
@@ -130,10 +171,12 @@ class RunDir:
         overwrite: replace an existing run directory (only one shearkit created; see the module docstring).
         reuse: continue in an existing run directory, keeping its files (e.g. `recover --resume`).
         inputs: paths the command reads; `--overwrite` refuses a directory that is or holds one of them.
+        recipe: with `reuse`, the recipe of the continuing run: one that differs from the recipe the
+            directory was started with (`recipe.yaml`) is refused, naming the differing keys.
     """
 
     def __init__(self, path: str | os.PathLike | None, command: str, overwrite: bool = False,
-                 reuse: bool = False, inputs: Iterable[str | os.PathLike | None] = ()):
+                 reuse: bool = False, inputs: Iterable[str | os.PathLike | None] = (), recipe=None):
         self.path = Path(path).expanduser() if path else default_run_dir(command)
         if self.path.exists() and not self.path.is_dir():
             raise ShearkitError(f"{self.path} is a file, not a run directory; choose another --out.")
@@ -142,6 +185,8 @@ class RunDir:
             raise ShearkitError(f"Run directory {self.path} is being written by another shearkit process (pid "
                                 f"{marker['pid']}, since {marker.get('created')}); wait for it or choose another "
                                 f"--out. If that process is gone, delete {self.path / MARKER}.")
+        if reuse and recipe is not None:
+            check_same_recipe(self.path, recipe)
         if self.path.is_dir() and any(self.path.iterdir()) and not reuse:
             self._clear(marker, overwrite, [*inputs, *_default_inputs()])
         self.path.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,11 +79,16 @@ def analyze(model: nn.Module, tokenizer, ratio: float, *, trial_ratio: float = 0
             gamma: float = DEFAULT_GAMMA, windows: int = 8, seqlen: int = 512, dataset: str = "wiki",
             calib: str = "c4", calib_samples: int = 8, round_to: int = 8, seed: int = 0,
             data_dir: str | os.PathLike | None = None, progress: bool = True,
-            heldout: torch.Tensor | None = None, calib_windows: torch.Tensor | None = None) -> dict[str, Any]:
+            heldout: torch.Tensor | None = None, calib_windows: torch.Tensor | None = None,
+            checkpoint: str | os.PathLike | None = None, resume: bool = False, save_every: int = 1) -> dict[str, Any]:
     """Measure every node group's sensitivity and derive per-structure targets reaching `ratio`.
 
     `heldout` / `calib_windows`: windows the caller drew itself (LoRAShear draws every slice of its
     data from disjoint partitions); then `dataset` / `calib` only name where they came from.
+
+    `checkpoint`: a folder where the finished trials (every `save_every` of them) and the taylor
+    proxy's gradient pass (every `save_every` batches) are checkpointed (`io.stage_state`); with
+    `resume`, an interrupted analysis continues from there to the same record.
 
     Returns the sensitivity record (`write_sensitivity` saves it): the protocol, the dense held-out
     perplexity, one entry per node group (layer, kind, units zeroed, ppl, deviation, relative
@@ -118,14 +124,27 @@ def analyze(model: nn.Module, tokenizer, ratio: float, *, trial_ratio: float = 0
         from ..importance import collect_stats
 
         stats = collect_stats(model, cal, grads=True, desc="taylor gradients" if progress else None,
-                              checkpointing=True, loss_chunk=256)  # same scores, a fraction of the memory
+                              checkpointing=True, loss_chunk=256,  # same scores, a fraction of the memory
+                              checkpoint=None if checkpoint is None else Path(checkpoint) / "taylor-gradients",
+                              save_every=save_every, resume=resume)
+    trials_dir = None if checkpoint is None or save_every < 1 else Path(checkpoint) / "trials"
+    identity: dict[str, Any] = {}
+    records: list[dict[str, Any]] = []
+    if trials_dir is not None:
+        from ..io.stage_state import read_state, tensor_digest
+        from ..plan import fingerprint_state
+
+        identity = {"fingerprint": fingerprint_state({k: v for k, v in m.state_dict().items() if "lora_" not in k}),
+                    "heldout": tensor_digest(held), "calib": None if cal is None else tensor_digest(cal),
+                    "proxy": proxy, "trial_ratio": trial_ratio, "round_to": round_to}
+        state = read_state(trials_dir, identity, resume=resume, what="sensitivity trials")
+        records = list(state["records"]) if state else []
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
     try:
         dense = heldout_ppl(model, held)
-        records = []
-        for node in bar(nodes, "sensitivity trials" if progress else None, unit="trial"):
+        for node in bar(nodes[len(records):], "sensitivity trials" if progress else None, unit="trial"):
             entry = trial_entry(m, node.layer, node.kind, trial_ratio, proxy, stats)
             with zeroed(m, node_removal(m, node.layer, entry)):
                 ppl = heldout_ppl(model, held)
@@ -133,6 +152,10 @@ def analyze(model: nn.Module, tokenizer, ratio: float, *, trial_ratio: float = 0
             records.append({"layer": node.layer, "kind": node.kind, "units": node.full, "zeroed": zeroed_units,
                             "ppl": ppl, "deviation": ppl - dense, "relative_deviation": ppl / dense - 1.0,
                             "params": node.params})
+            if trials_dir is not None and (len(records) % save_every == 0 or len(records) == len(nodes)):
+                from ..io.stage_state import write_state
+
+                write_state(trials_dir, identity, {"records": records})
     finally:
         model.train(was_training)
     wall = time.perf_counter() - t0

@@ -85,7 +85,7 @@ def run_extend(r, out: Optional[str], overwrite: bool, resume: bool = False, dat
     check_recipe_data(r, parts=("eval",))  # every data set, before a run directory or a model load
     if ecfg.training:
         check_recovery_data(ecfg.train_config(ecfg.rank or 8), data_dir)
-    run = RunDir(r.out_dir(out), "extend", overwrite, reuse=resume, inputs=recipe_inputs(r))
+    run = RunDir(r.out_dir(out), "extend", overwrite, reuse=resume, inputs=recipe_inputs(r), recipe=r)
     with run:
         run.write_recipe(r)
         run.log(f"loading {mc.name}")

@@ -48,8 +48,9 @@ def prune_cmd(
     device: str = DEVICE_OPT, dtype: str = DTYPE_OPT, cache_dir: Optional[str] = CACHE_OPT,
     data_dir: Optional[str] = DATA_OPT, out: Optional[str] = OUT_OPT, overwrite: bool = OVERWRITE_OPT,
     recipe: Optional[str] = RECIPE_OPT, set_: Optional[List[str]] = SET_OPT, trust_remote_code: bool = TRUST_OPT,
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out: a method that trains "
-                                "(loraprune, flexigpt, lorashear) and recovery go on from their newest checkpoints."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out with the same options: "
+                                "every stage (blockwise loop, gradient pass, training, recovery) goes on from its "
+                                "newest checkpoint, to the result of an uninterrupted run."),
 ) -> None:
     """Prune a model, optionally recover it with LoRA, evaluate it and save it.
 
@@ -93,8 +94,9 @@ def run_cmd(
     as_json: bool = typer.Option(False, "--json"),
     device: str = DEVICE_OPT, dtype: str = DTYPE_OPT, data_dir: Optional[str] = DATA_OPT,
     out: Optional[str] = OUT_OPT, overwrite: bool = OVERWRITE_OPT, set_: Optional[List[str]] = SET_OPT,
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out: a method that trains "
-                                "(loraprune, flexigpt, lorashear) and recovery go on from their newest checkpoints."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out with the same options: "
+                                "every stage (blockwise loop, gradient pass, training, recovery) goes on from its "
+                                "newest checkpoint, to the result of an uninterrupted run."),
 ) -> None:
     """Run load -> prune -> recover -> evaluate -> report from a recipe (or --method/--ratio with defaults).
 

@@ -86,7 +86,8 @@ def run_recover(r, out: Optional[str], overwrite: bool, resume: bool = False, te
         raise ShearkitError("The recover command saves the merged model; set recover.merge true "
                             "(use --save-adapter to keep the adapters as well).")
     check_recovery_data(rc, rc.data_dir)  # the data, before a run directory or a model load
-    run = RunDir(r.out_dir(out), "recover", overwrite, reuse=resume, inputs=[*recipe_inputs(r), teacher])
+    run = RunDir(r.out_dir(out), "recover", overwrite, reuse=resume, inputs=[*recipe_inputs(r), teacher],
+                 recipe=r)
     with run:
         run.write_recipe(r)
         run.log(f"loading {mc.name}")

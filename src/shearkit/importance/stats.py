@@ -12,7 +12,9 @@ in float32, so scores never depend on the device the pass ran on.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -53,7 +55,8 @@ def block_linears(model: nn.Module) -> dict[str, nn.Module]:
 
 def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True, act_norms: bool = False,
                   batch_size: int = 1, desc: str | None = None, checkpointing: bool = False,
-                  loss_chunk: int = 0) -> Stats:
+                  loss_chunk: int = 0, checkpoint: str | os.PathLike | None = None, save_every: int = 0,
+                  resume: bool = False) -> Stats:
     """Run the calibration tokens through `model` once and gather the statistics asked for.
 
     Args:
@@ -66,6 +69,10 @@ def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True,
             `arch.modules.recompute_activations`).
         loss_chunk: > 0: the output head and loss run on that many tokens at a time
             (`arch.lm_head`: no full-vocabulary logits; same loss).
+        checkpoint: a folder where, every `save_every` batches (and after the last), the
+            accumulators (gradients, squared activations, token count, loss sum) and the number of
+            batches done are written (`io.stage_state`); with `resume`, a pass finds its checkpoint there and
+            continues from it to the same statistics, bit for bit. None (or save_every 0): none.
     """
     from contextlib import nullcontext
 
@@ -78,6 +85,11 @@ def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True,
     mods = block_linears(model)
     device = next(model.parameters()).device
     stats = Stats()
+    tracked = {f"{n}.{k}": p for n, mod in mods.items() for k in ("weight", "bias")
+               if (p := getattr(mod, k, None)) is not None}
+    ckpt = _PassCheckpoint(checkpoint, model, tokens, save_every, resume,
+                           {"grads": grads, "act_norms": act_norms, "batch_size": batch_size,
+                            "loss_chunk": loss_chunk}) if checkpoint is not None and save_every > 0 else None
     handles = []
     if act_norms:
         def hook(name):
@@ -104,9 +116,15 @@ def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True,
                 p.requires_grad_(True)
                 p.grad = None
         ctx = torch.enable_grad() if grads else torch.no_grad()
+        starts = range(0, tokens.shape[0], batch_size)
+        if ckpt is not None and (restored := ckpt.load()) is not None:  # resume: the accumulators as they were
+            n_batches, total_loss, stats.n_tokens = (restored[k] for k in ("n_batches", "total_loss", "n_tokens"))
+            for key, t in restored["grad"].items():
+                p = tracked[key]
+                p.grad = t.to(device=p.device, dtype=p.dtype)
+            stats.act_sq.update(restored["act_sq"])
         with ctx, mode:
-            starts = range(0, tokens.shape[0], batch_size)
-            for i in progress(starts, desc, unit="batch"):
+            for i in progress(starts[n_batches:], desc, unit="batch"):
                 ids = tokens[i:i + batch_size].to(device)
                 loss = causal_lm_loss(model, ids, loss_chunk)
                 if grads:
@@ -114,6 +132,9 @@ def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True,
                 total_loss += float(loss.detach())
                 n_batches += 1
                 stats.n_tokens += ids.numel()
+                if ckpt is not None and (n_batches % save_every == 0 or n_batches == len(starts)):
+                    ckpt.save(n_batches, total_loss, stats.n_tokens,
+                              {k: p.grad for k, p in tracked.items() if p.grad is not None}, stats.act_sq)
         if grads:  # the accumulated `.grad` itself is handed over (no copy), then detached from the weight
             for name, mod in mods.items():
                 g = mod.weight.grad
@@ -136,3 +157,37 @@ def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True,
         model.train(was_training)
     stats.loss = total_loss / max(n_batches, 1)
     return stats
+
+
+class _PassCheckpoint:
+    """The checkpoint of one statistics pass: snapshot folders (`io.stage_state.save_snapshot`,
+    `snapshot-<batches>`, the newest kept) holding the accumulators after that many batches, for a
+    pass over the same model, tokens and options (its identity; another is refused, naming what differs)."""
+
+    def __init__(self, root, model: nn.Module, tokens: torch.Tensor, save_every: int, resume: bool, options: dict):
+        from ..io.stage_state import tensor_digest
+        from ..plan import fingerprint_state
+
+        self.root, self.resume = Path(root), resume
+        base = {k: v for k, v in unwrap(model).state_dict().items() if "lora_" not in k}
+        self.identity = {"fingerprint": fingerprint_state(base), "tokens": tensor_digest(tokens), "options": options}
+
+    def load(self) -> dict | None:
+        from ..io.stage_state import latest_snapshot, load_snapshot_tensors, read_state
+
+        snap = latest_snapshot(self.root)
+        state = read_state(snap, self.identity, resume=self.resume, what="statistics pass")
+        if state is None:
+            return None
+        tensors = load_snapshot_tensors(snap, "statistics pass")
+        return {**{k: state[k] for k in ("n_batches", "total_loss", "n_tokens")},
+                "grad": {k[5:]: t for k, t in tensors.items() if k.startswith("grad.")},
+                "act_sq": {k[7:]: t for k, t in tensors.items() if k.startswith("act_sq.")}}
+
+    def save(self, n_batches: int, total_loss: float, n_tokens: int, grads: dict[str, torch.Tensor],
+             act_sq: dict[str, torch.Tensor]) -> None:
+        from ..io.stage_state import save_snapshot
+
+        tensors = {**{f"grad.{k}": g for k, g in grads.items()}, **{f"act_sq.{k}": a for k, a in act_sq.items()}}
+        save_snapshot(self.root, self.identity, {"n_batches": n_batches, "total_loss": total_loss,
+                                                 "n_tokens": n_tokens}, tensors, n_batches)

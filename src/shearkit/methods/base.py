@@ -47,8 +47,8 @@ class MethodContext:
     tokenizer: Any
     calib: torch.Tensor | None = None  # (n, seqlen) calibration windows, when the method needs them
     data_dir: str | None = None
-    run_dir: Path | None = None  # the run directory (None: the method writes nothing)
-    resume: bool = False  # continue the method's training from its checkpoints
+    run_dir: Path | None = None  # the run directory, for the method's checkpoints (None: it writes nothing)
+    resume: bool = False  # continue the method from its checkpoints
     seed: int = 0
 
     def work_dir(self, name: str) -> Path | None:

@@ -12,7 +12,8 @@ Lifecycle (per block, in order, on the outputs of the already pruned blocks):
    passes over the calibration windows, minimising the channel-normalised reconstruction
    error plus `sparsity_beta * ((s_block - s) / s)^2` (s_block parameter-weighted over layers);
 4. turn the learned rates into exact prune counts (`repair_counts`, the block hits the target
-   to the weight), zero the weights, checkpoint the block's masks when `resume_dir` is set.
+   to the weight) and zero the weights; the shared blockwise loop checkpoints the block's masks
+   (in the run directory, or in `resume_dir` when it is set).
 
 Deviations from the released code: plain softmax and a target-centred initialisation instead
 of sigmoid smoothing (which caps rates at ~0.62) and an exact budget repair after learning.
@@ -22,10 +23,8 @@ N:M is refused: a fixed pattern leaves no allocation to learn.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from prodigyopt import Prodigy
@@ -34,9 +33,7 @@ from torch.func import functional_call
 from ..calibration.blockwise import block_output
 from ..calibration.stats import collect_input_stats
 from ..errors import ShearkitError
-from ..io.atomic import write_json
 from ..progress import progress
-from ..sparsity.apply import load_masks, save_masks
 from ..sparsity.besa import LayerAllocation, repair_counts
 from ..sparsity.layers import block_linears
 from . import register_method
@@ -52,8 +49,8 @@ class BesaConfig(SparsityConfig):
     `sparsity_beta`: weight of the sparsity penalty (5 in the paper's scripts). `optimizer`:
     "prodigy" (the paper's) or "adamw" ("auto", from older recipes, means prodigy); `lr` None =
     1.0 for Prodigy, 1e-2 for AdamW. `init_width`: width of the target-centred logit initialisation
-    (None = all-zero logits as in the code). `resume_dir`: checkpoint after every block there
-    and resume from it."""
+    (None = all-zero logits as in the code). `resume_dir`: checkpoint the blocks there (instead of
+    the run directory) and resume from it."""
 
     granularity: str = "row"
     epochs: int = 1
@@ -97,49 +94,9 @@ class Besa(BlockwiseSparsifier):
     name = "besa"
     config_cls = BesaConfig
 
-    # -- checkpoint / resume -------------------------------------------------------------------
-    def walk(self, model, inputs, fn) -> None:
-        self._done: dict[int, dict[str, torch.Tensor]] = {}
-        self.extra["besa"] = {"learned": {}, "loss": {}}
-        ckpt = Path(self.config.resume_dir) if self.config.resume_dir else None
-        if ckpt is not None:
-            state = self._load_state(ckpt)
-            for i in state.get("done", []):
-                self._done[i] = load_masks(ckpt / f"block-{i:04d}.safetensors")
-            self.extra["besa"] = state.get("besa", self.extra["besa"])
-            if self._done:
-                log.info("BESA: resuming after %d finished blocks from %s", len(self._done), ckpt)
-        super().walk(model, inputs, fn)
-
-    def _identity(self) -> dict:
-        cfg = {k: v for k, v in self.config.to_dict().items() if k not in ("resume_dir", "device", "batch_size", "offload_activations")}
-        return {"fingerprint": self.base_info["fingerprint"], "config": cfg}
-
-    def _load_state(self, ckpt: Path) -> dict:
-        f = ckpt / "state.json"
-        if not f.exists():
-            return {}
-        state = json.loads(f.read_text())
-        if {k: state.get(k) for k in ("fingerprint", "config")} != json.loads(json.dumps(self._identity())):
-            raise ShearkitError(f"The checkpoint in {ckpt} was made for another base model or other BESA settings; "
-                                "use a new --resume directory or the same model and options.")
-        return state
-
-    def _checkpoint(self, index: int, keeps: dict[str, torch.Tensor], names: dict[str, str]) -> None:
-        ckpt = Path(self.config.resume_dir)
-        save_masks({names[rel]: k for rel, k in keeps.items()}, ckpt / f"block-{index:04d}.safetensors")
-        done = sorted(set(self._done) | {index})
-        write_json(ckpt / "state.json", {**self._identity(), "done": done, "besa": self.extra["besa"]})
-
     # -- one block ---------------------------------------------------------------------------
     def prune_block(self, view, inputs):
         refs = block_linears(view)
-        if view.index in self._done:  # finished before an interruption: re-apply its masks
-            saved = self._done[view.index]
-            keeps = {rel: saved[ref.name].to(ref.weight.device) for rel, ref in refs.items()}
-            for rel, ref in refs.items():
-                ref.apply_mask(keeps[rel])
-            return keeps
         cfg = self.config
         block = view.module
         targets: list[torch.Tensor] = []  # dense block outputs: the reconstruction target
@@ -188,8 +145,7 @@ class Besa(BlockwiseSparsifier):
                 keeps[rel] = allocs[rel].rank >= k.to(allocs[rel].rank.device).view(-1, 1)
                 refs[rel].apply_mask(keeps[rel])
         li = str(view.index)
-        self.extra["besa"]["learned"][li] = {r: round(float(x.mean()), 5) for r, x in zip(rels, learned)}
-        self.extra["besa"]["loss"][li] = round(loss_v, 6)
-        if cfg.resume_dir:
-            self._checkpoint(view.index, keeps, {rel: ref.name for rel, ref in refs.items()})
+        rec = self.extra.setdefault("besa", {"learned": {}, "loss": {}})  # checkpointed with the blocks
+        rec["learned"][li] = {r: round(float(x.mean()), 5) for r, x in zip(rels, learned)}
+        rec["loss"][li] = round(loss_v, 6)
         return keeps

@@ -11,6 +11,14 @@ Lifecycle of `BlockwiseSparsifier.run`:
 3. Return an unstructured `Plan` with each layer's exact sparsity and the pattern, and the
    keep-masks, bit-packed, as its declared `masks` (saved beside plan.json).
 
+Checkpoints (every method, one mechanism): with a run directory, every `save_every` blocks the
+finished blocks' keep-masks (and, for methods that update kept weights, their weights) go to
+`<run>/<method>/block-NNNN*.safetensors` and `state.json` lists them with the method's records
+(`self.extra`) and the identity of the run (base fingerprint, calibration digest, settings).
+A resumed run re-applies the finished blocks instead of pruning them again, still running them
+forward so that the next block sees the same inputs, and ends with the same weights and plan.
+BESA's `resume_dir` names the folder explicitly (always resumed from).
+
 A method subclass sets `stats_kind` ("norm", "hessian" or None) and implements
 `prune_layer(ref, stats)` (or overrides `prune_block` for whole-block methods such as BESA).
 Its kind (`unstructured`) is declared on its line in `methods._MODULES`.
@@ -20,18 +28,31 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from ..arch import get_adapter
 from ..arch.base import BlockView
-from ..calibration.blockwise import BlockInputs, capture_inputs, resolve_compute_device, walk_blocks
+from ..calibration.blockwise import (
+    BlockInputs,
+    capture_inputs,
+    resolve_compute_device,
+    walk_blocks,
+)
 from ..calibration.stats import InputStats, collect_input_stats
 from ..errors import ShearkitError
+from ..io.stage_state import (
+    load_tensors,
+    read_state,
+    save_tensors,
+    tensor_digest,
+    write_state,
+)
 from ..plan import Plan
 from ..progress import progress
-from ..sparsity.apply import PackedMasks
+from ..sparsity.apply import PackedMasks, load_masks, save_masks
 from ..sparsity.layers import LinearRef, block_linears
 from ..sparsity.masks import parse_nm
 from .base import MethodContext, PruneConfig, PruneMethod
@@ -50,6 +71,8 @@ class SparsityConfig(PruneConfig):
     time through the GPU (how a model larger than GPU memory is pruned).
     `offload_activations`: keep calibration activations on the CPU too, moving one batch at a
     time to the device (for calibration sets larger than the device's spare memory).
+    `save_every`: with a run directory, checkpoint the finished blocks every this many blocks
+    (0: never), so that `--resume` continues after the last checkpointed block.
     """
 
     ratio: float = 0.5
@@ -57,6 +80,7 @@ class SparsityConfig(PruneConfig):
     batch_size: int = 1
     device: str | None = None
     offload_activations: bool = False
+    save_every: int = 1
 
     def __post_init__(self):
         super().__post_init__()
@@ -65,6 +89,8 @@ class SparsityConfig(PruneConfig):
             self.ratio = pattern[0] / pattern[1]
         if self.batch_size < 1:
             raise ShearkitError(f"prune.batch_size must be >= 1, got {self.batch_size}.")
+        if self.save_every < 0:
+            raise ShearkitError(f"prune.save_every must be >= 0 (0: no checkpoints), got {self.save_every}.")
 
     @property
     def pattern(self) -> tuple[int, int] | None:
@@ -99,10 +125,20 @@ class BlockwiseSparsifier(PruneMethod):
         t0 = time.perf_counter()
         base = Plan.describe_base(model)
         self.base_info = base
-        self.extra: dict[str, Any] = {}
         records: dict[str, dict[str, Any]] = {}
         masks = PackedMasks()
         zeros = total = 0
+        if self.needs_calibration and calib is None:
+            raise ShearkitError(f"Method '{self.name}' needs calibration tokens.")
+        root, resume = self.checkpoint_root(ctx)
+        identity = self.checkpoint_identity(base, calib if self.needs_calibration else None)
+        state = read_state(root, identity, resume=resume, what=f"{self.name} blockwise loop")
+        done = set(state.get("done", [])) if state else set()
+        self.extra: dict[str, Any] = dict(state.get("extra") or {}) if state else {}
+        if done:
+            log.info("%s: resuming after %d checkpointed blocks from %s", self.name, len(done), root)
+        pending: list[int] = []
+        num_blocks = get_adapter(model).num_layers
 
         def record(view: BlockView, keeps: dict[str, torch.Tensor]) -> None:
             nonlocal zeros, total
@@ -117,23 +153,34 @@ class BlockwiseSparsifier(PruneMethod):
             records[str(view.index)] = {"sparsity": sp, "pattern": cfg.nm or "unstructured"}
             log.info("%s: block %d pruned (%.1f s so far)", self.name, view.index, time.perf_counter() - t0)
 
+        def visit(view: BlockView, inputs: BlockInputs | None) -> None:
+            if view.index in done:  # finished before an interruption: re-apply it
+                keeps = self.restore_block(root, view)
+            else:
+                keeps = self.prune_block(view, inputs)
+                pending.append(view.index)
+            record(view, keeps)
+            last = view.index == num_blocks - 1
+            if root is not None and cfg.save_every and pending and (len(pending) >= cfg.save_every or last):
+                self.save_blocks(root, model, pending, masks, done, identity)
+
         training = model.training
         model.eval()  # dropout off: calibration statistics must be deterministic
         try:
             if self.needs_calibration:
-                if calib is None:
-                    raise ShearkitError(f"Method '{self.name}' needs calibration tokens.")
                 inputs = capture_inputs(model, calib, batch_size=cfg.batch_size, device=cfg.device,
                                         offload_activations=cfg.offload_activations,
                                         desc=f"{self.name} calibration")
-                self.walk(model, inputs, lambda v, x: record(v, self.prune_block(v, x)))
+                self.walk(model, inputs, visit)
             else:
                 dev = resolve_compute_device(model, cfg.device)
                 for view in progress(get_adapter(model).blocks(), f"{self.name} blocks", unit="block"):
                     home = next(view.module.parameters()).device
                     view.module.to(dev)
-                    record(view, self.prune_block(view, None))
-                    view.module.to(home)
+                    try:
+                        visit(view, None)
+                    finally:
+                        view.module.to(home)
         finally:
             model.train(training)
         plan = Plan(method=self.name, kind="unstructured", ratio_target=cfg.ratio,
@@ -144,5 +191,57 @@ class BlockwiseSparsifier(PruneMethod):
         return plan
 
     def walk(self, model, inputs: BlockInputs, fn) -> None:
-        """Walk all blocks with `fn`; BESA overrides this to checkpoint and resume."""
+        """Walk all blocks with `fn` (which prunes, or re-applies, and checkpoints each block)."""
         walk_blocks(model, inputs, fn, desc=f"{self.name} blocks")
+
+    # -- checkpoint / resume (the same for every blockwise method) ----------------------------
+    def checkpoint_root(self, ctx: MethodContext) -> tuple[Path | None, bool]:
+        """The checkpoint folder and whether to resume from it: `<run>/<method>` with the run's
+        `--resume`, or an explicit `resume_dir` (BESA's option), always resumed from."""
+        explicit = getattr(self.config, "resume_dir", None)
+        if explicit:
+            return Path(explicit), True
+        if ctx.run_dir is None:
+            return None, False
+        return Path(ctx.run_dir) / self.name, ctx.resume
+
+    def checkpoint_identity(self, base: dict, calib: torch.Tensor | None) -> dict:
+        """What a checkpoint must match to be resumed from: the base weights, the calibration tokens
+        and every setting that changes the result (not where it runs nor how often it checkpoints)."""
+        skip = ("resume_dir", "device", "offload_activations", "save_every")
+        return {"method": self.name, "fingerprint": base["fingerprint"],
+                "calib": None if calib is None else tensor_digest(calib),
+                "config": {k: v for k, v in self.config.to_dict().items() if k not in skip}}
+
+    @staticmethod
+    def _block_file(root: Path, index: int, suffix: str = "") -> Path:
+        return Path(root) / f"block-{index:04d}{suffix}.safetensors"
+
+    def save_blocks(self, root: Path, model, pending: list[int], masks: PackedMasks, done: set[int],
+                    identity: dict) -> None:
+        """Write the masks (and updated weights) of the `pending` blocks, then `state.json` listing
+        them as done; `pending` is emptied."""
+        ad = get_adapter(model)
+        for i in pending:
+            refs = block_linears(ad.block_view(i))
+            save_masks({ref.name: masks[ref.name] for ref in refs.values()}, self._block_file(root, i))
+            if self.updates_weights:
+                save_tensors(self._block_file(root, i, ".weights"), {ref.name: ref.module.weight for ref in refs.values()})
+        done.update(pending)
+        pending.clear()
+        write_state(root, identity, {"done": sorted(done), "extra": self.extra})
+
+    @torch.no_grad()
+    def restore_block(self, root: Path, view: BlockView) -> dict[str, torch.Tensor]:
+        """Re-apply a checkpointed block (its masks, or its saved weights) and return its keep-masks."""
+        refs = block_linears(view)
+        saved = load_masks(self._block_file(root, view.index))
+        keeps = {rel: saved[ref.name].to(ref.weight.device) for rel, ref in refs.items()}
+        if self.updates_weights:
+            weights = load_tensors(self._block_file(root, view.index, ".weights"), f"{self.name} block")
+            for ref in refs.values():
+                ref.module.weight.copy_(weights[ref.name])
+        else:
+            for rel, ref in refs.items():
+                ref.apply_mask(keeps[rel])
+        return keeps

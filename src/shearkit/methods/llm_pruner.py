@@ -22,6 +22,7 @@ variants are not implemented.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import ShearkitError
 from ..importance import TAYLOR_VARIANTS, collect_stats, taylor
@@ -37,7 +38,10 @@ class LLMPrunerConfig(StructuredConfig):
     dense layers both allocations export per-layer widths; `allocation: uniform, dense_first: 0,
     dense_last: 0` gives a vanilla export). docs/benchmarks.md compares the variants on SmolLM2-135M
     (`bench/bench_llm_pruner_variants.py`). checkpointing / loss_chunk: the gradient pass recomputes
-    activations and runs the output head in chunks (the same scores at a fraction of the memory)."""
+    activations and runs the output head in chunks (the same scores at a fraction of the memory).
+    save_every: with a run directory, the gradient pass checkpoints its accumulated gradients every
+    this many batches and after the last (`<run>/llm-pruner/gradients`; 0: never), so that
+    `--resume` continues it to the same scores."""
 
     allocation: str = "global"
     taylor: str = "element"
@@ -48,6 +52,7 @@ class LLMPrunerConfig(StructuredConfig):
     dense_last: int | None = None
     checkpointing: bool = True  # recompute activations in the gradient pass: same scores, less memory
     loss_chunk: int = 256  # output head on this many tokens at a time (0: full logits); same scores
+    save_every: int = 8  # batches between checkpoints of the gradient pass (with a run directory; 0: never)
 
     def __post_init__(self):
         super().__post_init__()
@@ -57,6 +62,8 @@ class LLMPrunerConfig(StructuredConfig):
             raise ShearkitError(f"prune.taylor must be one of {', '.join(TAYLOR_VARIANTS)}, got '{self.taylor}'.")
         if self.max_calib < 1 or self.batch_size < 1:
             raise ShearkitError("prune.max_calib and prune.batch_size must be >= 1.")
+        if self.save_every < 0:
+            raise ShearkitError(f"prune.save_every must be >= 0 (0: no checkpoints), got {self.save_every}.")
 
 
 @register_method
@@ -75,7 +82,8 @@ class LLMPruner(StructuredMethod):
             raise ShearkitError("llm-pruner needs calibration tokens (gradients of the LM loss).")
         stats = collect_stats(model, ctx.calib[: cfg.max_calib], grads=True, batch_size=cfg.batch_size,
                               desc="llm-pruner gradients", checkpointing=cfg.checkpointing,
-                              loss_chunk=cfg.loss_chunk)
+                              loss_chunk=cfg.loss_chunk, save_every=cfg.save_every, resume=ctx.resume,
+                              checkpoint=None if ctx.run_dir is None else Path(ctx.run_dir) / self.name / "gradients")
         self.extra.update(calib_loss=stats.loss, calib_tokens=stats.n_tokens)
         return group_scores(model, layers, cfg.attn_unit,
                             lambda m, gs: taylor(m, gs, stats, variant=cfg.taylor, aggregation=cfg.aggregation))

@@ -10,7 +10,8 @@ Lifecycle of `run` (each stage checkpoints under the run directory, so a killed 
 3. knowledge distribution (`analysis.sensitivity.analyze`, Alg. 3): every node group (layer x
    attention / MLP) pruned alone at `trial_ratio`; the most sensitive fraction `gamma` kept whole,
    the others given targets (KV groups, MLP channels) that reach `ratio` of the blocks' parameters
-   (gamma 0 skips the trials: every node group gives the same fraction);
+   (gamma 0 skips the trials: every node group gives the same fraction); the finished trials are
+   checkpointed every `analysis_save_every` (`<run>/lorashear/knowledge-distribution`);
 4. LHSPG (`recovery.lhspg`, Alg. 4) through the shared `Trainer`: LoRA warm-up, then `periods`
    periods that each drive a share of every node group's target to zero, the rest learning on (a
    NaN/divergence stop here is an error naming the step: LHSPG's writes into the base weights
@@ -44,7 +45,9 @@ class LoRAShearConfig(StructuredConfig):
     target_modules: the LoRA of both stages; train: LHSPG's training run (fields of `recover`; its
     data are the first recovery phase's sources, in equal shares); recovery: the recovery run
     (fields of `recover`); dynamic: the mixture (fields of `recovery.dynamic.DynamicConfig`;
-    `adaptive: false` keeps equal shares instead of following the measured degradation)."""
+    `adaptive: false` keeps equal shares instead of following the measured degradation).
+    analysis_save_every: with a run directory, the knowledge-distribution analysis checkpoints its
+    finished trials (and the taylor proxy's gradient pass its batches) every this many (0: never)."""
 
     gamma: float = 0.1
     trial_ratio: float = 0.5
@@ -63,9 +66,13 @@ class LoRAShearConfig(StructuredConfig):
     train: dict[str, Any] = field(default_factory=dict)
     recovery: dict[str, Any] = field(default_factory=dict)
     dynamic: dict[str, Any] = field(default_factory=dict)
+    analysis_save_every: int = 1
 
     def __post_init__(self):
         super().__post_init__()
+        if self.analysis_save_every < 0:
+            raise ShearkitError(f"prune.analysis_save_every must be >= 0 (0: no checkpoints), got "
+                                f"{self.analysis_save_every}.")
         from ..analysis.sensitivity import PROXIES
         from ..importance.lora_saliency import check_weights
         from ..recovery.lhspg import VARIANTS
@@ -236,7 +243,8 @@ class LoRAShear(StructuredMethod):
                        if cfg.proxy == "taylor" else None)
                 return analyze(base, ctx.tokenizer, cfg.ratio, trial_ratio=cfg.trial_ratio, proxy=cfg.proxy,
                                gamma=cfg.gamma, round_to=cfg.round_to, seed=cfg.seed, heldout=held, calib_windows=cal,
-                               dataset="wiki", calib="c4")
+                               dataset="wiki", calib="c4", resume=ctx.resume, save_every=cfg.analysis_save_every,
+                               checkpoint=None if work is None else work / "knowledge-distribution")
             record = _cached(work, "knowledge_distribution.json", ctx.resume, measure)
             if work is not None:
                 plot_sensitivity(record, work / "knowledge_distribution.png")

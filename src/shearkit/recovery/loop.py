@@ -339,7 +339,10 @@ class Trainer:
                 "sampler": self.sampler.state_dict(), "tokens_seen": self.tokens_seen,
                 "label_tokens": self.label_tokens, "config": self.config.to_dict(),
                 "base_fingerprint": self.base_fingerprint, "processes": self.acc.num_processes,
-                "optimizer_class": self.optimizer_class}, states)
+                "optimizer_class": self.optimizer_class,
+                # the history so far: a resumed run reports the same losses and evaluations
+                "losses": list(self.history.get("losses") or []),
+                "eval": {str(k): v for k, v in (self.history.get("eval") or {}).items()}}, states)
         self.acc.wait_for_everyone()
         self._call("on_checkpoint", step, path)
 
@@ -379,6 +382,8 @@ class Trainer:
             if cb.name in states:
                 cb.load_state_dict(states[cb.name])
         self.step, self.tokens_seen, self.label_tokens = st["step"], st["tokens_seen"], st["label_tokens"]
+        self._restored = {"losses": list(st.get("losses") or []),
+                          "eval": {int(k) if k.isdigit() else k: v for k, v in (st.get("eval") or {}).items()}}
 
     # -- divergence ------------------------------------------------------------------------------------
 
@@ -424,12 +429,14 @@ class Trainer:
         self.step = self.tokens_seen = self.label_tokens = 0
         self._stop, self._eval_time = None, 0.0
         resumed_from = None
+        self._restored = {"losses": [], "eval": {}}
         if resume and (ckpt_path := latest_checkpoint(self.root)) is not None:
             self._restore(ckpt_path)
             resumed_from = self.step
         start = self.step
-        self.history = {"losses": [], "eval": {}, "stopped": None, "stopped_at": None, "stop_loss": None,
-                        "restored_to_step": None, "stop_message": None, "resumed_from": resumed_from}
+        self.history = {"losses": self._restored["losses"], "eval": self._restored["eval"], "stopped": None,
+                        "stopped_at": None, "stop_loss": None, "restored_to_step": None, "stop_message": None,
+                        "resumed_from": resumed_from}
         history = self.history
         log = (TrainLog(self.root / "train_log.jsonl", resume_step=start)
                if self.root is not None and acc.is_main_process else None)
