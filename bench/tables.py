@@ -18,6 +18,7 @@ tests/test_bench_tables.py, fails). The grid table has its own markers and gener
     zeroshot.json               bench/bench_zeroshot.py
     training.jsonl              bench/bench_training.py
     importance_memory.json      bench/bench_importance_memory.py
+    train_memory.json           bench/bench_train_memory.py
     train_throughput.json       bench/bench_train_throughput.py
     speculative.json            bench/bench_speculative.py
 """
@@ -319,6 +320,27 @@ def importance_memory(results: Path) -> list[str]:
     return out
 
 
+def train_memory(results: Path) -> list[str]:
+    """Peak memory and step time of LoRA training, as published against checkpointing and the chunked head."""
+    d = _load("train_memory.json", results)
+    w = d["weights_bytes"]
+    out = ["| setting | malloc | peak RSS | peak RSS − 2 × weights | peak anonymous RSS (above the loaded model) | "
+           "s / step | × as published | losses |",
+           "|---|---|---:|---:|---:|---:|---:|---|"]
+    base = {r["allocator"]: r["s_per_step"] for r in d["rows"].values() if r["setting"] == "as published"}
+    for r in d["rows"].values():
+        out.append(f"| {r['setting']} | {r['allocator']} | {_mib(r['rss_peak_bytes'])} | "
+                   f"{_mib(r['rss_peak_bytes'] - 2 * w)} | {_mib(r['anon_peak_bytes'])} "
+                   f"({_mib(r['anon_peak_above_loaded_bytes'])}) | {r['s_per_step']:.1f} | "
+                   f"{r['s_per_step'] / base[r['allocator']]:.2f} | {', '.join(f'{x:.4f}' for x in r['losses'])} |")
+    t = d["train"]
+    out += ["", f"{d['model']}: {_mib(w)} of float32 weights; LoRA {t['lora']}, {t['steps']} steps on `{t['data']}` at "
+            f"batch {t['batch']} × {t['seqlen']}, seed {t['seed']}, {t['threads']} thread; each setting in a fresh "
+            f"child process (s / step: mean of the steps after the first); measured {d['date']} ({d['machine']}) "
+            f"with `{d['command']}`."]
+    return out
+
+
 def train_throughput(results: Path) -> list[str]:
     """LoRA training throughput and its ratio to the machine's measured matmul rate."""
     d = _load("train_throughput.json", results)
@@ -382,7 +404,7 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "structured-quality": structured_quality, "structured-speed": structured_speed, "llmc": llmc,
     "zeroshot": zeroshot, "training": training, "training-zeroshot": training_zeroshot,
     "blocks-training": blocks_training,
-    "importance-memory": importance_memory, "train-throughput": train_throughput, "speculative": speculative,
+    "importance-memory": importance_memory, "train-memory": train_memory, "train-throughput": train_throughput, "speculative": speculative,
     "llama-cpp": llama_cpp,
 }
 
