@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -240,6 +241,7 @@ def speed_cell(row: dict, repeats: int) -> dict:
     child process of its own with the repeats interleaved (`shearkit.bench`)."""
     import shearkit
 
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # the children time one thread, as the cells ran
     r = shearkit.bench(model_dir(row["key"]), PROTOCOL["model"], labels=[row["key"], "dense"], device="cpu",
                        dtype="float32", repeats=repeats)
     me, dense = r[row["key"]], r["dense"]
