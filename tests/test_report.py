@@ -339,12 +339,17 @@ def test_protocol_table_and_mismatch_warning(report, tmp_path):
 def test_report_regenerates_and_refuses_foreign_out(tmp_path):
     run = _eval_run(tmp_path, "ev", {"piqa_local": _zs(0.6, 0.61)})
     write_report(run)
-    (run / "report" / "stale.txt").write_text("old")
     with pytest.raises(ShearkitError, match="already holds a report; pass --overwrite"):
         write_report(run)  # never silently
-    assert (run / "report" / "stale.txt").exists()
-    write_report(run, overwrite=True)  # a previous report is replaced whole
-    assert not (run / "report" / "stale.txt").exists()
+    before = (run / "report" / "report.md").stat().st_mtime_ns
+    (run / "report" / "figures" / "stale.png").write_bytes(b"old")
+    write_report(run, overwrite=True)  # a previous report (its figures included) is replaced whole
+    assert not (run / "report" / "figures" / "stale.png").exists()
+    assert (run / "report" / "report.md").stat().st_mtime_ns != before
+    (run / "report" / "stale.txt").write_text("mine")  # a user's file beside the report: never deleted
+    with pytest.raises(ShearkitError, match=r"not a shearkit report \(stale.txt\)"):
+        write_report(run, overwrite=True)
+    assert (run / "report" / "stale.txt").read_text() == "mine"
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
