@@ -49,6 +49,14 @@ def fingerprint_state(state) -> str:
     return h.hexdigest()
 
 
+def base_fingerprint(model) -> str:
+    """Fingerprint of the weights under the adapters, named as in the model before peft wrapped it
+    (a checkpoint resumes only onto the same base weights)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return fingerprint_state({k.replace(".base_layer", ""): v for k, v in base.state_dict().items()
+                              if "lora_" not in k})
+
+
 @dataclass
 class Plan:
     """What to remove (structured) or zero (unstructured) in a base model.

@@ -132,9 +132,9 @@ def analyze(model: nn.Module, tokenizer, ratio: float, *, trial_ratio: float = 0
     records: list[dict[str, Any]] = []
     if trials_dir is not None:
         from ..io.stage_state import read_state, tensor_digest
-        from ..plan import fingerprint_state
+        from ..plan import base_fingerprint
 
-        identity = {"fingerprint": fingerprint_state({k: v for k, v in m.state_dict().items() if "lora_" not in k}),
+        identity = {"fingerprint": base_fingerprint(m),
                     "heldout": tensor_digest(held), "calib": None if cal is None else tensor_digest(cal),
                     "proxy": proxy, "trial_ratio": trial_ratio, "round_to": round_to}
         state = read_state(trials_dir, identity, resume=resume, what="sensitivity trials")

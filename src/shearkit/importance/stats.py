@@ -166,11 +166,10 @@ class _PassCheckpoint:
 
     def __init__(self, root, model: nn.Module, tokens: torch.Tensor, save_every: int, resume: bool, options: dict):
         from ..io.stage_state import tensor_digest
-        from ..plan import fingerprint_state
+        from ..plan import base_fingerprint
 
         self.root, self.resume = Path(root), resume
-        base = {k: v for k, v in unwrap(model).state_dict().items() if "lora_" not in k}
-        self.identity = {"fingerprint": fingerprint_state(base), "tokens": tensor_digest(tokens), "options": options}
+        self.identity = {"fingerprint": base_fingerprint(model), "tokens": tensor_digest(tokens), "options": options}
 
     def load(self) -> dict | None:
         from ..io.stage_state import latest_snapshot, load_snapshot_tensors, read_state

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ..arch.lm_head import chunked_ce, label_hidden, split_head
 from ..arch.modules import set_activation_checkpointing, unwrap
 from ..errors import ShearkitError
+from ..plan import base_fingerprint
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .config import RecoverConfig
 from .data import IGNORE, TrainData, collate, pad_id
@@ -123,16 +124,6 @@ def refuse_stale(root: Path | None, resume: bool) -> None:
     if root is not None and not resume and latest_checkpoint(root) is not None:
         raise ShearkitError(f"{root} already holds checkpoints of an earlier run; pass resume=True (CLI: --resume) "
                             "to continue it, or choose another output directory.")
-
-
-def base_fingerprint(model) -> str:
-    """Fingerprint of the weights under the adapters, named as in the model before peft wrapped it
-    (a checkpoint resumes only onto the same base weights)."""
-    from ..plan import fingerprint_state
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return fingerprint_state({k.replace(".base_layer", ""): v for k, v in base.state_dict().items()
-                              if "lora_" not in k})
 
 
 def selects_logits(model) -> bool:
