@@ -160,3 +160,51 @@ def chat_tok(tiny_tokenizer):
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = CHAT
     return tok
+
+
+# Which test raises which user-facing error (docs/errors.md, tools/errors_doc.py): shearkit records
+# every ShearkitError it builds in this file, subprocesses included; at the end of the session each test
+# that tests/error_tests.json names for an error and that passed here must have raised that error.
+if not os.environ.get("SHEARKIT_RECORD_ERRORS"):
+    import tempfile
+
+    _fd, _hits = tempfile.mkstemp(prefix="shearkit-errors-", suffix=".jsonl")
+    os.close(_fd)
+    os.environ["SHEARKIT_RECORD_ERRORS"] = _hits
+_PASSED: set[str] = set()
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.passed:
+        _PASSED.add(report.nodeid)
+
+
+def _errors_doc():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("errors_doc", Path(__file__).parent.parent / "tools" / "errors_doc.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("errors_doc", mod)
+    spec.loader.exec_module(mod)
+    return sys.modules["errors_doc"]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    mapping_tests = {t for tests in _errors_doc().load_mapping().values() for t in tests}
+    if not _PASSED & mapping_tests:
+        return
+    doc = _errors_doc()
+    sites = doc.find_sites()
+    hits = doc.read_hits(os.environ["SHEARKIT_RECORD_ERRORS"], sites)
+    stale = [f"{test} no longer raises {sid}" for sid, tests in doc.load_mapping().items()
+             for test in tests if test in _PASSED and test not in hits.get(sid, ())]
+    if stale:
+        tr = session.config.pluginmanager.get_plugin("terminalreporter")
+        msg = ("tests/error_tests.json names tests for errors they did not raise in this run (re-record: "
+               "see tools/errors_doc.py):\n  " + "\n  ".join(stale[:20]))
+        if tr is not None:
+            tr.write_line(msg, red=True)
+        else:
+            print(msg)
+        session.exitstatus = 1

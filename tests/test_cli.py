@@ -145,3 +145,40 @@ def test_nm_in_a_recipe_with_a_structured_method():
     with pytest.raises(ShearkitError, match="applies only to unstructured methods.*magnitude"):
         load_recipe(None, extra={"prune": {"method": "structured-magnitude", "nm": "2:4"}})
     assert load_recipe(None, extra={"prune": {"method": "wanda", "nm": "2:4"}}).get("prune").ratio == 0.5
+
+
+@pytest.mark.parametrize("exc", ["cuda", "host"])
+def test_out_of_memory_says_what_to_lower(exc, tmp_path, tiny_model_dir, text_file, monkeypatch, capsys):
+    """Running out of memory mid-run ends in one clear line naming the batch-size knobs, exit 2, and a
+    run directory marked failed (not a traceback from deep inside torch)."""
+    import json
+
+    import torch
+
+    from shearkit import api
+    from shearkit.cli import main
+
+    def boom(*a, **k):
+        if exc == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise MemoryError()
+
+    monkeypatch.setattr(api, "evaluate", boom)
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["shearkit", "eval", str(tiny_model_dir), "--tasks", str(text_file),
+                                      "--seqlen", "16", "--out", str(out), "--device", "cpu"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert ("Out of memory on the GPU (CUDA out of memory" if exc == "cuda" else "Out of memory in host memory") in err
+    assert "--batch-size" in err and "grad_accum" in err and "calib.samples" in err
+    assert json.loads((out / ".shearkit-run").read_text())["status"] == "failed"
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory():
+    from shearkit.errors import out_of_memory
+
+    assert out_of_memory(RuntimeError("shape mismatch")) is None
+    assert out_of_memory(ValueError("x")) is None

@@ -51,6 +51,21 @@ def test_bad_device_and_dtype():
     assert resolve_dtype("auto", "cpu") == torch.float32
 
 
+def test_a_device_that_is_not_there(monkeypatch):
+    """No CUDA at all, or a CUDA index past the last device: refused before anything is loaded."""
+    from shearkit.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ShearkitError, match="no CUDA device is visible; use --device cpu"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == "cuda:1"
+    for bad in ("cuda:2", "cuda:x"):
+        with pytest.raises(ShearkitError, match=r"has 2 CUDA device\(s\), cuda:0 to cuda:1; choose one"):
+            resolve_device(bad)
+
+
 def test_builtin_concurrent_first_use(tmp_path, monkeypatch):
     """Two processes' worth of first uses at once: one conversion, no corrupt cache."""
     calls = []

@@ -17,6 +17,11 @@ def resolve_device(device: str = "auto") -> str:
         raise ShearkitError(f"--device must be one of {', '.join(DEVICES)} (or cuda:N), got '{device}'.")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ShearkitError("--device cuda was asked for but no CUDA device is visible; use --device cpu or auto.")
+    if device.startswith("cuda:"):
+        index, count = device.split(":", 1)[1], torch.cuda.device_count()
+        if not index.isdigit() or int(index) >= count:
+            raise ShearkitError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to "
+                                f"cuda:{count - 1}; choose one of them, or --device cuda for the first.")
     return device
 
 

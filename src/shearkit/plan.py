@@ -135,17 +135,57 @@ class Plan:
 
     def save(self, path: str | Path, masks_file: str | None = None) -> None:
         """Write plan.json at `path` and, when the plan has masks, the masks beside it (as
-        `masks_file`, relative to `path`'s folder; default `masks.safetensors`)."""
-        from .io.atomic import write_json
+        `masks_file`, relative to `path`'s folder; default `masks.safetensors`).
+
+        Both are written atomically, the masks first; when writing plan.json then fails, the masks
+        that were there before are put back, so the previous plan still reads with its own masks."""
+        import os
+
+        from .io.atomic import WriteFailed, write_error, write_json
 
         path = Path(path)
         d = {**self.to_dict(), "schema_version": SCHEMA_VERSION, "masks_file": None}  # written as this version
-        if self.masks:
-            from .sparsity.apply import MASKS_FILE, save_masks
+        if not self.masks:
+            write_json(path, d)
+            return
+        from .sparsity.apply import MASKS_FILE, save_masks
 
-            d["masks_file"] = masks_file or MASKS_FILE
-            save_masks(self.masks, path.parent / d["masks_file"])
-        write_json(path, d)
+        d["masks_file"] = masks_file or MASKS_FILE
+        masks = path.parent / d["masks_file"]
+        had_plan = path.exists()
+        backup = None
+        if masks.is_file():  # the previous masks, kept (a second name of the same file) until plan.json is written
+            backup = masks.with_name(f".{masks.name}.prev-{os.getpid()}")
+            backup.unlink(missing_ok=True)
+            try:
+                try:
+                    os.link(masks, backup)
+                except OSError:  # a file system without hard links
+                    import shutil
+
+                    shutil.copy2(masks, backup)
+            except OSError as e:
+                backup.unlink(missing_ok=True)
+                raise write_error(masks, e, kept=True) from e
+        try:
+            save_masks(self.masks, masks)
+            write_json(path, d)
+        except BaseException as e:
+            if isinstance(e, WriteFailed) and e.path == path and e.kept is None:
+                raise  # plan.json and its masks are both new (only syncing the folder failed)
+            if backup is not None:
+                if not (masks.exists() and os.path.samefile(backup, masks)):  # the masks were replaced
+                    os.replace(backup, masks)
+                    backup = None
+            else:
+                masks.unlink(missing_ok=True)  # the previous plan had no masks there
+            if isinstance(e, WriteFailed) and e.os_error is not None:
+                raise write_error(path, e.os_error, kept=had_plan,
+                                  detail=masks.name if e.path == masks else "") from e
+            raise
+        finally:
+            if backup is not None:
+                backup.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path, model=None) -> "Plan":

@@ -8,9 +8,16 @@ before writing any result (only its recipe, environment and log are there) is re
 rerun, and `--overwrite` replaces a directory that carries the marker (or, written before the
 marker existed, shearkit's `run.log` and `env.json`), unless it is (or holds) the working
 directory, a home directory or an input of the run.
+
+While a `RunDir` is open its process holds an exclusive lock (`flock`) on `.shearkit-run.lock` in
+the directory, taken before anything in it is read, deleted or written: a second shearkit process
+given the same directory is refused at once instead of interleaving its files with the first's. The
+system drops the lock when its process ends, however it ends (a SIGKILL leaves no stale lock); the
+lock file is removed when the run directory is closed, and kept by `--overwrite` and reruns.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -18,6 +25,7 @@ import platform
 import shutil
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -27,8 +35,9 @@ from .io.atomic import write_json, write_text
 from .io.guard import refuse_unsafe_removal
 
 MARKER = ".shearkit-run"
+LOCK = ".shearkit-run.lock"  # held (flock) by the process writing the run directory
 # what a run writes before it has any result; a stopped run holding only these is replaced on a rerun
-BOOKKEEPING = frozenset({MARKER, "recipe.yaml", "env.json", "run.log"})
+BOOKKEEPING = frozenset({MARKER, LOCK, "recipe.yaml", "env.json", "run.log"})
 
 
 def default_run_dir(command: str) -> Path:
@@ -94,6 +103,51 @@ def _writer_alive(marker: dict) -> bool:
     except PermissionError:  # alive, owned by someone else
         return True
     return True
+
+
+# run directories this process holds the lock of: (st_dev, st_ino) of the directory -> [lock fd, users]
+# (a second RunDir of the same directory in this process shares the lock, as the marker always allowed)
+_HELD: dict[tuple[int, int], list] = {}
+_HELD_GUARD = threading.Lock()
+
+
+class _Busy(Exception):
+    """The lock of a run directory is held by another process."""
+
+
+def _take_lock(path: Path) -> int | None:
+    """Lock `path/LOCK` (created if needed) for this process; return its descriptor, None where the file
+    system cannot lock (then only the marker guards the directory). Raises `_Busy` when another process
+    holds it. A lock file removed by its holder while we waited on it is not taken: we lock the one at
+    the path."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not a POSIX system
+        return None
+    lock = path / LOCK
+    while True:
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise _Busy from None
+            # ENOLCK, EOPNOTSUPP: a file system without locks
+            logging.getLogger("shearkit").warning("cannot lock %s (%s); only its marker guards it", lock, e)
+            return None
+        if _same_file(fd, lock):
+            return fd
+        os.close(fd)  # its holder removed it (the run ended) between our open and our lock: again
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """True when the open file `fd` is the file at `path` (not one removed, or replaced, since)."""
+    try:
+        st, own = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 def recipe_inputs(recipe) -> list[str]:
@@ -178,30 +232,110 @@ class RunDir:
     def __init__(self, path: str | os.PathLike | None, command: str, overwrite: bool = False,
                  reuse: bool = False, inputs: Iterable[str | os.PathLike | None] = (), recipe=None):
         self.path = Path(path).expanduser() if path else default_run_dir(command)
+        self.command = command
+        self._lock_key: tuple[int, int] | None = None
+        self._handler: logging.Handler | None = None
         if self.path.exists() and not self.path.is_dir():
             raise ShearkitError(f"{self.path} is a file, not a run directory; choose another --out.")
-        marker = read_marker(self.path)
-        if marker is not None and _writer_alive(marker):
-            raise ShearkitError(f"Run directory {self.path} is being written by another shearkit process (pid "
-                                f"{marker['pid']}, since {marker.get('created')}); wait for it or choose another "
-                                f"--out. If that process is gone, delete {self.path / MARKER}.")
-        if reuse and recipe is not None:
-            check_same_recipe(self.path, recipe)
-        if self.path.is_dir() and any(self.path.iterdir()) and not reuse:
-            self._clear(marker, overwrite, [*inputs, *_default_inputs()])
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.command = command
-        self._created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self._mark("running")
+        try:
+            self.path.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            created = False
+        except OSError as e:
+            raise ShearkitError(f"Cannot create the run directory {self.path}: {e.strerror or e}; choose another "
+                                "--out (a folder you can write, on a disk with room).") from None
+        try:
+            self._lock()  # before anything in the directory is read, deleted or written
+        except BaseException:
+            if created:
+                try:
+                    self.path.rmdir()
+                except OSError:
+                    pass
+            raise
+        try:
+            marker = read_marker(self.path)
+            if marker is not None and _writer_alive(marker):
+                raise ShearkitError(f"Run directory {self.path} is being written by another shearkit process (pid "
+                                    f"{marker['pid']}, since {marker.get('created')}); wait for it or choose "
+                                    f"another --out. If that process is gone, delete {self.path / MARKER}.")
+            if reuse and recipe is not None:
+                check_same_recipe(self.path, recipe)
+            if any(e.name != LOCK for e in self.path.iterdir()) and not reuse:
+                self._clear(marker, overwrite, [*inputs, *_default_inputs()])
+            self._created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            self._mark("running")
+            handler = logging.FileHandler(self.path / "run.log", encoding="utf-8")
+        except BaseException as e:
+            self._unlock()
+            if created:  # a folder this refused run made: leave nothing behind
+                shutil.rmtree(self.path, ignore_errors=True)
+            if isinstance(e, OSError):  # the log file could not be created (a full disk, ...)
+                raise ShearkitError(f"Cannot write the run directory {self.path}: {e.strerror or e}; free space "
+                                    "or choose another --out.") from e
+            raise
         self.logger = logging.getLogger("shearkit")
-        self._handler = logging.FileHandler(self.path / "run.log", encoding="utf-8")
+        self._handler = handler
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         self.logger.addHandler(self._handler)
         self.logger.setLevel(logging.INFO)
 
+    def _lock(self) -> None:
+        """Take the directory's lock, or refuse: another process is writing it."""
+        st = self.path.stat()
+        key = (st.st_dev, st.st_ino)
+        with _HELD_GUARD:
+            held = _HELD.get(key)
+            if held is not None and held[0] is not None and not _same_file(held[0], self.path / LOCK):
+                os.close(held[0])  # a folder removed (never closed) and another made with its inode number
+                del _HELD[key]
+                held = None
+            if held is not None:  # this process already writes it
+                held[1] += 1
+                self._lock_key = key
+                return
+            try:
+                fd = _take_lock(self.path)
+            except _Busy:
+                marker = read_marker(self.path) or {}
+                who = (f" (pid {marker['pid']} on {marker.get('host')}, since {marker.get('created')})"
+                       if marker.get("status") == "running" and marker.get("pid") else "")
+                raise ShearkitError(f"Run directory {self.path} is being written by another shearkit process{who}; "
+                                    "two runs must not write the same directory. Wait for that run to end, or "
+                                    "choose another --out.") from None
+            except OSError as e:
+                raise ShearkitError(f"Cannot lock the run directory {self.path}: {e.strerror or e}; choose another "
+                                    "--out (a folder you can write).") from None
+            _HELD[key] = [fd, 1]
+            self._lock_key = key
+
+    def _unlock(self) -> None:
+        """Release the directory's lock (the last user in this process removes the lock file, then unlocks)."""
+        key, self._lock_key = self._lock_key, None
+        if key is None:
+            return
+        with _HELD_GUARD:
+            held = _HELD.get(key)
+            if held is None:
+                return
+            held[1] -= 1
+            if held[1] > 0:
+                return
+            del _HELD[key]
+            fd = held[0]
+            if fd is None:
+                return
+            try:
+                if _same_file(fd, self.path / LOCK):
+                    (self.path / LOCK).unlink()
+            except OSError:
+                pass
+            os.close(fd)
+
     def _clear(self, marker: dict | None, overwrite: bool, inputs: list) -> None:
         """Empty an existing directory before the run starts, or refuse (see the module docstring)."""
-        entries = list(self.path.iterdir())
+        entries = [e for e in self.path.iterdir() if e.name != LOCK]  # the lock stays: this process holds it
         unfinished = marker is not None and marker.get("status") != "complete"
         if unfinished and {e.name for e in entries} <= BOOKKEEPING:
             for e in entries:  # a run that stopped before any result: remove only its own files
@@ -221,7 +355,11 @@ class RunDir:
         if self.path.is_symlink():
             raise ShearkitError(f"{self.path} is a symbolic link; --overwrite deletes only a real run directory. "
                                 "Give the folder it points to as --out.")
-        shutil.rmtree(self.path)
+        for e in entries:  # everything but the lock file
+            if e.is_dir() and not e.is_symlink():
+                shutil.rmtree(e)
+            else:
+                e.unlink()
 
     def _mark(self, status: str) -> None:
         write_json(self.path / MARKER, {"shearkit_run": 1, "command": self.command, "status": status,
@@ -258,6 +396,10 @@ class RunDir:
         return json.loads(p.read_text()) if p.exists() else {}
 
     def close(self) -> None:
-        """Detach the log file (the marker keeps saying `running` unless the run ends through `with`)."""
-        self.logger.removeHandler(self._handler)
-        self._handler.close()
+        """Detach the log file and release the directory's lock (the marker keeps saying `running`
+        unless the run ends through `with`)."""
+        if self._handler is not None:
+            self.logger.removeHandler(self._handler)
+            self._handler.close()
+            self._handler = None
+        self._unlock()

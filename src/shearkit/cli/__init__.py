@@ -16,12 +16,19 @@ def main() -> None:
 
     Typer runs in standalone mode so that its own (vendored) click handles usage errors (unknown
     option or command, missing argument, a value of the wrong type): it prints the usage line and
-    the error and exits 2. Only shearkit's own errors reach the handler below.
+    the error and exits 2. Only shearkit's own errors reach the handler below, and running out of memory
+    (on a GPU or in host memory), which becomes one of them.
     """
-    from ..errors import ShearkitError
+    from ..errors import ShearkitError, out_of_memory
 
     try:
-        app(standalone_mode=True)
+        try:
+            app(standalone_mode=True)
+        except (RuntimeError, MemoryError) as e:  # out of memory: a clear error that says what to lower
+            oom = out_of_memory(e)
+            if oom is None:
+                raise
+            raise oom from None
     except ShearkitError as e:
         from rich.console import Console
         from rich.markup import escape

