@@ -89,3 +89,34 @@ def test_perplexity_drop_is_removal_and_leaves_the_model_as_it_was(family):
 def test_unknown_importance_is_refused():
     with pytest.raises(ShearkitError, match="bi, ppl"):
         block_scores(make_tiny("llama"), CALIB, "cosine")
+
+
+@pytest.mark.parametrize("importance", ["bi", "ppl"])
+def test_scoring_resumed_from_a_checkpoint_gives_the_same_scores(importance, tmp_path):
+    """A pass stopped after one block (its snapshot kept) and resumed ends with the uninterrupted
+    pass's scores exactly; a checkpoint of other settings is refused, naming them."""
+    from shearkit.importance.blocks import ScoreCheckpoint
+
+    model = make_tiny("llama")
+    whole = block_scores(model, CALIB, importance, batch_size=2)
+
+    def ckpt(resume, batch_size=2):
+        return ScoreCheckpoint(tmp_path, model, CALIB, importance=importance, batch_size=batch_size, resume=resume)
+
+    first = ckpt(False)
+    real = first.maybe_save
+
+    def stop_after_one(done, total, state, tensors=None):
+        real(done, total, state, tensors)
+        raise KeyboardInterrupt  # as a kill after the first snapshot
+
+    first.maybe_save = stop_after_one
+    with pytest.raises(KeyboardInterrupt):
+        block_scores(model, CALIB, importance, batch_size=2, checkpoint=first)
+    assert [p.name for p in tmp_path.iterdir()] == ["snapshot-00000001"]
+    assert block_scores(model, CALIB, importance, batch_size=2, checkpoint=ckpt(True)) == whole
+    assert [p.name for p in tmp_path.iterdir()] == [f"snapshot-{get_adapter(model).num_layers:08d}"]
+    with pytest.raises(ShearkitError, match="already holds the checkpoint"):
+        block_scores(model, CALIB, importance, batch_size=2, checkpoint=ckpt(False))
+    with pytest.raises(ShearkitError, match="other batch_size"):
+        block_scores(model, CALIB, importance, batch_size=1, checkpoint=ckpt(True, batch_size=1))

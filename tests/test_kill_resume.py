@@ -141,6 +141,12 @@ def _flexigpt(ws):
                 "/flexigpt/checkpoint-", r"/checkpoint-\d+$")
 
 
+def _block_scores(ws, importance="bi"):
+    return Case(f"block-scores-{importance}", ["prune", ws / "base", "--method", "shortgpt", "--blocks", 1,
+                                               *_common(ws), *_sets(prune__importance=importance)],
+                "/shortgpt/block-scores/", r"/snapshot-\d+$")
+
+
 # -- running, windows, comparing -------------------------------------------------------------------
 
 _REFS: dict[str, tuple[Path, list[str]]] = {}
@@ -252,6 +258,7 @@ DEFAULT = {"blockwise-sparsegpt": lambda ws: _blockwise(ws, "sparsegpt"),
            "gradient-llm-pruner": _llm_pruner,
            "iterative-loraprune": _loraprune,
            "lorashear-lhspg": _lorashear,
+           "block-scores-bi": _block_scores,
            "recover": _recover}
 
 
@@ -325,6 +332,7 @@ SLOW = {**DEFAULT,
         "lorashear-dynamic-recovery": lambda ws: _lorashear(ws, "/dynamic-recovery/", r"/checkpoint-\d+$",
                                                             "dynamic"),
         "pipeline-recovery": _pipeline_recovery,
+        "block-scores-ppl": lambda ws: _block_scores(ws, "ppl"),
         "flexigpt-training": _flexigpt}
 
 

@@ -78,6 +78,8 @@ def test_bad_block_options_are_refused():
         shearkit.prune(make_tiny("llama"), None, "shortgpt", calib=CALIB, blocks=0)
     with pytest.raises(ShearkitError, match="prune.importance must be one of bi, ppl"):
         shearkit.prune(make_tiny("llama"), None, "shortgpt", calib=CALIB, importance="cos")
+    with pytest.raises(ShearkitError, match=r"prune.save_every must be >= 0 blocks \(0: no checkpoints\), got -1"):
+        shearkit.prune(make_tiny("llama"), None, "shortgpt", calib=CALIB, blocks=1, save_every=-1)
     with pytest.raises(ShearkitError, match="applies only to block methods \\(flexigpt, shortgpt\\)"):
         shearkit.prune(make_tiny("llama"), None, "llm-pruner", calib=CALIB, blocks=1)
 

@@ -23,7 +23,9 @@ def check_tasks(tasks: Iterable[str] | str, data_dir: str | os.PathLike | None =
         try:
             from .eval.zeroshot import check_tasks as check_zeroshot
         except ModuleNotFoundError:
-            raise ShearkitError(f"Unknown task(s) {', '.join(zs_tasks)}; perplexity sets: {', '.join(PPL_TASKS)}.") from None
+            raise ShearkitError(f"Unknown task(s) {', '.join(zs_tasks)}: zero-shot tasks are not available in this "
+                                f"installation; name a perplexity set ({', '.join(PPL_TASKS)}) or a .txt/.jsonl "
+                                "file.") from None
         check_zeroshot(zs_tasks, data_dir=data_dir)
     return ppl_tasks, zs_tasks
 

@@ -199,7 +199,8 @@ class Plan:
         if p.is_dir():
             p = p / "plan.json"
         if not p.exists():
-            raise ShearkitError(f"Plan file not found: {p}")
+            raise ShearkitError(f"Plan file not found: {p}. Give a plan.json, or the run or model directory "
+                                "that holds one.")
         try:
             plan = cls.from_dict(json.loads(p.read_text(encoding="utf-8")))
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:

@@ -353,8 +353,11 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         check_file_keys(data, p, given_keys(extra, overrides))
     for section, values in (extra or {}).items():
         if isinstance(values, dict):
-            target = data.setdefault(section, {}) or {}
-            data[section] = target
+            target = data.get(section)
+            if target is None:
+                target = data[section] = {}
+            elif not isinstance(target, dict):
+                continue  # the recipe's section is not a mapping: parse_recipe says so
             target.update({k: v for k, v in values.items() if v is not None})
         elif values is not None:
             data[section] = values

@@ -107,13 +107,15 @@ def analyze(model: nn.Module, tokenizer, ratio: float, *, trial_ratio: float = 0
     if not 0.0 < trial_ratio < 1.0:
         raise ShearkitError(f"trial ratio must be strictly between 0 and 1, got {trial_ratio}.")
     if windows < 1 or seqlen < 2 or calib_samples < 1 or round_to < 1:
-        raise ShearkitError("windows and calib samples must be >= 1, seqlen >= 2 and round_to >= 1.")
+        raise ShearkitError(f"windows and calib samples must be >= 1, seqlen >= 2 and round_to >= 1; got windows "
+                            f"{windows}, calib samples {calib_samples}, seqlen {seqlen}, round_to {round_to}.")
     m = unwrap(model)
     nodes = node_units(m, round_to)
     total = block_params(m)
     if heldout is not None:
         if proxy == "taylor" and calib_windows is None:
-            raise ShearkitError("The taylor proxy needs calibration windows beside the given held-out windows.")
+            raise ShearkitError("The taylor proxy needs calibration windows beside the given held-out windows: pass "
+                                "calib_windows (drawn apart from them), or use proxy 'magnitude'.")
         held, cal = heldout, (calib_windows if proxy == "taylor" else None)
     else:
         held, cal = heldout_and_calib(tokenizer, dataset=dataset, windows=windows, seqlen=seqlen,

@@ -199,8 +199,11 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 
                 model(input_ids=ids, use_cache=False)
             except _Caught:
                 pass
-            else:  # pragma: no cover - the hook always fires for a decoder-only model
-                raise ShearkitError("The first decoder block was never called during calibration.")
+            else:  # the model's forward skipped its blocks (e.g. config.num_hidden_layers set to 0)
+                raise ShearkitError(
+                    "The first decoder block was never called during calibration: the model's forward skipped it "
+                    f"(config.num_hidden_layers is {getattr(model.config, 'num_hidden_layers', '?')}; the model "
+                    f"holds {len(ad.layers)} blocks). Make config.num_hidden_layers match the blocks the model holds.")
             args = caught["args"]
             kwargs = {k: v for k, v in caught["kwargs"].items()}
             if args:

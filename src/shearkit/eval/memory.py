@@ -186,14 +186,38 @@ class _ByValuePickler(pickle.Pickler):
         return NotImplemented
 
 
+_PICKLE_ERRORS = (pickle.PicklingError, AttributeError, TypeError)
+
+
+def _pickles(obj: Any) -> bool:
+    import io
+
+    try:
+        _ByValuePickler(io.BytesIO(), protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    except _PICKLE_ERRORS:
+        return False
+    return True
+
+
+def _unpicklable(obj: Any) -> Any:
+    """The innermost part of a message (tuples, lists and dict values opened) that cannot be pickled,
+    e.g. the model among a call's arguments, so that the error names it rather than the message."""
+    parts = obj if isinstance(obj, (tuple, list)) else obj.values() if isinstance(obj, dict) else ()
+    for part in parts:
+        if not _pickles(part):
+            return _unpicklable(part)
+    return obj
+
+
 def _dumps(obj: Any) -> bytes:
     import io
 
     buf = io.BytesIO()
     try:
         _ByValuePickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
-    except (pickle.PicklingError, AttributeError, TypeError) as e:
-        raise ShearkitError(f"Cannot send {type(obj).__name__} to a child process for measuring ({e}). "
+    except _PICKLE_ERRORS as e:
+        part = _unpicklable(obj)
+        raise ShearkitError(f"Cannot send {type(part).__name__} to a child process for measuring ({e}). "
                             "Pass the model by its name or directory instead of as an object.") from None
     return buf.getvalue()
 

@@ -97,7 +97,7 @@ def plot_groups(records: list[dict[str, Any]], path: str | os.PathLike, title: s
 
     per_layer = [r for r in records if r["layer"] != "all"]
     if not per_layer:
-        raise ShearkitError("No per-layer groups to plot.")
+        raise ShearkitError("No per-layer groups to plot: the model has no decoder blocks; leave out --plot.")
     kinds = list(dict.fromkeys(r["kind"] for r in per_layer))
     layers = sorted({r["layer"] for r in per_layer})
     fig = _figure(min(14.0, max(8.0, 0.3 * len(layers) + 4)), 3.8)

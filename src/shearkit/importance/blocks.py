@@ -10,11 +10,15 @@ Perplexity drop: the language-modelling perplexity of the calibration windows wi
 skipped (its output replaced by its input) minus that of the whole model; each block is skipped
 alone, by a forward hook removed afterwards, so the model is left exactly as it was.
 
-Both return one score per block, higher meaning more important (remove the lowest).
+Both return one score per block, higher meaning more important (remove the lowest). Given a
+`ScoreCheckpoint` (a run directory), both write what they have every `save_every` blocks (the
+scores so far, and for BI the hidden states after the last scored block) and a resumed pass goes on
+after the last block written, to the same scores.
 """
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,15 +31,55 @@ from ..errors import ShearkitError
 BLOCK_IMPORTANCE = ("bi", "ppl")
 
 
+class ScoreCheckpoint:
+    """The checkpoint of one block-scoring pass: snapshot folders under `root` (`io.stage_state`,
+    `snapshot-<blocks done>`, the newest kept) written every `save_every` blocks, for a pass over the
+    same weights, tokens and settings (its identity; another is refused, naming what differs)."""
+
+    def __init__(self, root: str | Path, model: nn.Module, tokens: torch.Tensor, *, importance: str,
+                 batch_size: int, save_every: int = 1, resume: bool = False):
+        from ..io.stage_state import tensor_digest
+        from ..plan import base_fingerprint
+
+        self.root, self.save_every, self.resume = Path(root), save_every, resume
+        self.identity = {"importance": importance, "fingerprint": base_fingerprint(model),
+                         "tokens": tensor_digest(tokens), "batch_size": batch_size}
+
+    def load(self) -> tuple[dict, dict[str, torch.Tensor]] | None:
+        """The newest snapshot's state and tensors, or None when there is none."""
+        from ..io.stage_state import latest_snapshot, load_snapshot_tensors, read_state
+
+        snap = latest_snapshot(self.root)
+        state = read_state(snap, self.identity, resume=self.resume, what="block scoring")
+        if state is None:
+            return None
+        return state, load_snapshot_tensors(snap, "block scoring")
+
+    def maybe_save(self, done: int, total: int, state: dict, tensors=None) -> None:
+        """Write a snapshot after `done` of `total` blocks when one is due (every `save_every`, and the last)."""
+        from ..io.stage_state import save_snapshot
+
+        if self.save_every and (done % self.save_every == 0 or done == total):
+            save_snapshot(self.root, self.identity, state, {} if done == total else dict(tensors or {}), done)
+
+
 @torch.no_grad()
 def block_influence(model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 1,
-                    device: str | torch.device | None = None, offload_activations: bool = False) -> list[float]:
+                    device: str | torch.device | None = None, offload_activations: bool = False,
+                    checkpoint: ScoreCheckpoint | None = None) -> list[float]:
     """BI of every decoder block on calibration `tokens` (n, seqlen): 1 - mean per-token cosine
     between the block's input and output (float32)."""
     m = unwrap(model)
+    total_blocks = get_adapter(m).num_layers
     inputs = capture_inputs(m, tokens, batch_size=batch_size, device=device,
                             offload_activations=offload_activations, desc="block influence: inputs")
     sums: list[float] = []
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:  # go on after the blocks scored before an interruption, from their output
+        sums = [float(x) for x in saved[0]["sums"]]
+        if len(sums) < total_blocks:
+            store = inputs.store or inputs.device
+            inputs.hidden = [saved[1][f"hidden.{b}"].to(store) for b in range(len(inputs))]
     held: dict[str, list[torch.Tensor]] = {}
 
     def keep_input(_view, inp: BlockInputs) -> None:
@@ -47,14 +91,18 @@ def block_influence(model: nn.Module, tokens: torch.Tensor, *, batch_size: int =
             cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
             total += float(cos.double().sum())
         sums.append(total)
+        if checkpoint is not None:
+            checkpoint.maybe_save(len(sums), total_blocks, {"sums": sums},
+                                  {f"hidden.{b}": h for b, h in enumerate(out.hidden)})
 
-    walk_blocks(m, inputs, keep_input, after=compare, desc="block influence")
+    walk_blocks(m, inputs, keep_input, start=len(sums), after=compare, desc="block influence")
     n = inputs.num_tokens
     return [1.0 - s / n for s in sums]
 
 
 @torch.no_grad()
-def perplexity_drop(model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 1) -> list[float]:
+def perplexity_drop(model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 1,
+                    checkpoint: ScoreCheckpoint | None = None) -> list[float]:
     """For each block, perplexity of `tokens` with that block alone skipped minus the whole
     model's (one full forward pass over `tokens` per block, plus one)."""
     from ..eval.perplexity import window_nll
@@ -67,14 +115,17 @@ def perplexity_drop(model: nn.Module, tokens: torch.Tensor, *, batch_size: int =
     def ppl() -> float:
         return math.exp(float(window_nll(m, tokens, batch_size, desc="block perplexity").sum()) / count)
 
-    base = ppl()
-    out = []
-    for block in get_adapter(m).layers:
+    saved = checkpoint.load() if checkpoint is not None else None
+    base, out = (float(saved[0]["base"]), [float(x) for x in saved[0]["drops"]]) if saved else (ppl(), [])
+    layers = get_adapter(m).layers
+    for block in list(layers)[len(out):]:
         handle = block.register_forward_hook(_skip, with_kwargs=True)
         try:
             out.append(ppl() - base)
         finally:
             handle.remove()
+        if checkpoint is not None:
+            checkpoint.maybe_save(len(out), len(layers), {"base": base, "drops": out})
     return out
 
 
@@ -87,11 +138,12 @@ def _skip(_mod: nn.Module, args: tuple, kwargs: dict, output):
 
 
 def block_scores(model: nn.Module, tokens: torch.Tensor, importance: str = "bi", *, batch_size: int = 1,
-                 device: str | torch.device | None = None, offload_activations: bool = False) -> list[float]:
+                 device: str | torch.device | None = None, offload_activations: bool = False,
+                 checkpoint: ScoreCheckpoint | None = None) -> list[float]:
     """One score per block by `importance` (`bi` or `ppl`); higher: more important."""
     if importance == "bi":
         return block_influence(model, tokens, batch_size=batch_size, device=device,
-                               offload_activations=offload_activations)
+                               offload_activations=offload_activations, checkpoint=checkpoint)
     if importance == "ppl":
-        return perplexity_drop(model, tokens, batch_size=batch_size)
+        return perplexity_drop(model, tokens, batch_size=batch_size, checkpoint=checkpoint)
     raise ShearkitError(f"Block importance must be one of {', '.join(BLOCK_IMPORTANCE)}, got '{importance}'.")

@@ -83,7 +83,8 @@ def lora_group_scores(model: nn.Module, sets: dict[tuple[str, int], GroupSet], a
         for part in gs.base_parts():
             if not part.module.endswith(".base_layer"):
                 raise ShearkitError(f"{part.module} is not wrapped by LoRA; LoRA-guided importance needs LoRA on "
-                                    "every projection of the pruned layers (all seven for Llama).")
+                                    "every projection of the pruned layers (all seven for Llama): leave "
+                                    "prune.target_modules unset, or list every projection in it.")
             by_module[part.module[: -len(".base_layer")]].append((key, part))
     out: dict[tuple[str, int], torch.Tensor] = {k: torch.zeros(gs.size) for k, gs in sets.items()}
     for name, parts in by_module.items():

@@ -61,7 +61,8 @@ def aggregate(values: list[torch.Tensor], how: str = "sum") -> torch.Tensor:
     if how not in AGGREGATIONS:
         raise ShearkitError(f"Unknown aggregation '{how}'; choose one of {', '.join(AGGREGATIONS)}.")
     if not values:
-        raise ShearkitError("A group set with no base tensors cannot be scored.")
+        raise ShearkitError("A group set with no base tensors cannot be scored: give it a part on a base weight "
+                            "(not only LoRA factors), or use a set from shearkit.graph (mlp_channels, kv_groups, ...).")
     st = torch.stack(values)
     if how == "sum":
         return st.sum(0)
@@ -96,7 +97,9 @@ def taylor(model: nn.Module, gs: GroupSet, stats: Stats, *, variant: str = "elem
 
     def elem(w, g):
         if g is None:
-            raise ShearkitError("A group touches a tensor without a recorded gradient.")
+            raise ShearkitError("A group touches a tensor without a recorded gradient: collect_stats records the "
+                                "gradients of the decoder blocks' linear layers only, so score groups inside the "
+                                "blocks (not hidden channels).")
         wg = w * g
         return wg.abs() if variant == "element" else wg
 
@@ -113,7 +116,9 @@ def wanda(model: nn.Module, gs: GroupSet, stats: Stats, *, aggregation: str = "s
         mod = m.get_submodule(p.module)
         w = _weight_of(mod)
         if w.dim() != 2 or p.module not in stats.act_sq:
-            raise ShearkitError(f"No activation statistics for {p.module}.")
+            raise ShearkitError(f"No activation statistics for {p.module}: collect_stats records the inputs of the "
+                                "decoder blocks' linear layers only, so score groups inside the blocks (not hidden "
+                                "channels).")
         e = w.abs() * stats.act_sq[p.module].sqrt()[None, :]
         return e[p.index].reshape(p.index.shape[0], -1).sum(1) if p.dim == 0 else e[:, p.index].sum(dim=(0, 2))
 

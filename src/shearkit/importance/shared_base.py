@@ -81,7 +81,8 @@ def choose_bases(model: nn.Module, pruned: Sequence[int], rank: int, select: str
     gone = sorted(set(pruned))
     kept = [j for j in range(n) if j not in gone]
     if not gone or not kept:
-        raise ShearkitError(f"Base selection needs pruned and kept blocks; got pruned {gone} of {n}.")
+        raise ShearkitError(f"Base selection needs pruned and kept blocks; got pruned {gone} of {n}: "
+                            "name at least one block to replace and leave at least one kept.")
     shapes = {b: block_shapes(model, b) for b in range(n)}
     candidates = {i: [j for j in kept if shapes[j] == shapes[i]] for i in gone}
     lonely = [i for i, c in candidates.items() if not c]

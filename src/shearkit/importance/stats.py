@@ -139,7 +139,10 @@ def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True,
             for name, mod in mods.items():
                 g = mod.weight.grad
                 if g is None:
-                    raise ShearkitError(f"No gradient reached {name}; is the model's forward differentiable?")
+                    raise ShearkitError(f"No gradient reached {name}: the model's forward does not use it "
+                                        "differentiably (a block it skips, e.g. config.num_hidden_layers below the "
+                                        "number of blocks the model holds, or a detached output); make the forward "
+                                        "run every decoder block.")
                 mod.weight.grad = None
                 stats.grads[name] = _handover(g.T if is_conv1d(mod) else g)
                 b = getattr(mod, "bias", None)

@@ -90,8 +90,7 @@ def check_family(name: str, model) -> None:
     from ..arch import get_adapter
     from ..arch.modules import unwrap
 
-    if name not in METHODS:
-        raise unknown("method", name, METHODS)
+    get_method(name)  # an unknown name is refused there
     info = METHODS[name]
     adapter = get_adapter(unwrap(model))  # an unknown architecture is refused here, by name
     if adapter.family not in info.families:

@@ -77,7 +77,8 @@ class BesaConfig(SparsityConfig):
         if self.optimizer not in ("prodigy", "adamw"):
             raise ShearkitError(f"prune.optimizer must be prodigy or adamw, got '{self.optimizer}'.")
         if self.ratio <= 0 or self.epochs < 1:
-            raise ShearkitError("BESA needs ratio > 0 and epochs >= 1.")
+            raise ShearkitError(f"BESA needs prune.ratio > 0 and prune.epochs >= 1, got ratio {self.ratio} and "
+                                f"epochs {self.epochs}.")
 
 
 def _optimizer(cfg: BesaConfig, params):

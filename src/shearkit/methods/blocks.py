@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -22,7 +23,7 @@ from ..arch import get_adapter
 from ..arch.modules import unwrap
 from ..errors import ShearkitError
 from ..graph.planner import finish_plan
-from ..importance.blocks import BLOCK_IMPORTANCE, block_scores
+from ..importance.blocks import BLOCK_IMPORTANCE, ScoreCheckpoint, block_scores
 from ..plan import Plan
 from .base import MethodContext, PruneConfig, PruneMethod
 
@@ -37,6 +38,8 @@ class BlockConfig(PruneConfig):
     ppl_samples: calibration windows used by `ppl` (one forward over them per block).
     batch_size: calibration windows per forward. device / offload_activations: where `bi` runs
         its blocks (None: where the model is) and whether activations stay on the CPU.
+    save_every: with a run directory, checkpoint the scoring every this many blocks (0: never), in
+        `<run>/<method>/block-scores/`; `--resume` goes on from there.
     """
 
     blocks: int | None = None
@@ -45,9 +48,12 @@ class BlockConfig(PruneConfig):
     batch_size: int = 1
     device: str | None = None
     offload_activations: bool = False
+    save_every: int = 1
 
     def __post_init__(self):
         super().__post_init__()
+        if self.save_every < 0:
+            raise ShearkitError(f"prune.save_every must be >= 0 blocks (0: no checkpoints), got {self.save_every}.")
         if self.blocks is not None and (isinstance(self.blocks, bool) or not isinstance(self.blocks, int)
                                         or self.blocks < 1):
             raise ShearkitError(f"prune.blocks must be a whole number of blocks >= 1, got {self.blocks!r}.")
@@ -55,7 +61,8 @@ class BlockConfig(PruneConfig):
             raise ShearkitError(f"prune.importance must be one of {', '.join(BLOCK_IMPORTANCE)}, "
                                 f"got '{self.importance}'.")
         if self.ppl_samples < 1 or self.batch_size < 1:
-            raise ShearkitError("prune.ppl_samples and prune.batch_size must be >= 1.")
+            raise ShearkitError(f"prune.ppl_samples and prune.batch_size must be >= 1, got {self.ppl_samples} and "
+                                f"{self.batch_size}.")
 
 
 def block_count(num_blocks: int, ratio: float, blocks: int | None = None) -> int:
@@ -85,10 +92,16 @@ class BlockMethod(PruneMethod):
         """One score per block (higher: more important) by the config's `importance`."""
         cfg = self.config
         if ctx.calib is None:
-            raise ShearkitError(f"{self.name} needs calibration tokens to score its blocks.")
+            raise ShearkitError(f"{self.name} needs calibration tokens to score its blocks: give the MethodContext "
+                                "calibration windows (calib=), or run it with shearkit.prune, which draws them.")
         tokens = ctx.calib[: cfg.ppl_samples] if cfg.importance == "ppl" else ctx.calib
+        checkpoint = None
+        if ctx.run_dir is not None and cfg.save_every:
+            checkpoint = ScoreCheckpoint(Path(ctx.run_dir) / self.name / "block-scores", model, tokens,
+                                         importance=cfg.importance, batch_size=cfg.batch_size,
+                                         save_every=cfg.save_every, resume=ctx.resume)
         return block_scores(model, tokens, cfg.importance, batch_size=cfg.batch_size, device=cfg.device,
-                            offload_activations=cfg.offload_activations)
+                            offload_activations=cfg.offload_activations, checkpoint=checkpoint)
 
     def plan_blocks(self, model, scores: list[float]) -> Plan:
         """The plan that removes the lowest-scored blocks, with the achieved parameter ratio."""
@@ -96,7 +109,8 @@ class BlockMethod(PruneMethod):
         m = unwrap(model)
         n = get_adapter(m).num_layers
         if len(scores) != n:
-            raise ShearkitError(f"{len(scores)} block scores for a model with {n} blocks.")
+            raise ShearkitError(f"{len(scores)} block scores for a model with {n} blocks; give one score per block "
+                                "of this model (scores of another model do not fit it).")
         k = block_count(n, cfg.ratio, cfg.blocks)
         plan = Plan(method=self.name, kind="blocks", ratio_target=cfg.ratio if cfg.blocks is None else k / n,
                     base=Plan.describe_base(m), config=cfg.to_dict(), blocks=lowest(scores, k))

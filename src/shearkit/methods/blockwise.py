@@ -129,7 +129,8 @@ class BlockwiseSparsifier(PruneMethod):
         masks = PackedMasks()
         zeros = total = 0
         if self.needs_calibration and calib is None:
-            raise ShearkitError(f"Method '{self.name}' needs calibration tokens.")
+            raise ShearkitError(f"Method '{self.name}' needs calibration tokens: give the MethodContext calibration "
+                                "windows (calib=), or run it with shearkit.prune, which draws them.")
         root, resume = self.checkpoint_root(ctx)
         identity = self.checkpoint_identity(base, calib if self.needs_calibration else None)
         state = read_state(root, identity, resume=resume, what=f"{self.name} blockwise loop")

@@ -61,7 +61,8 @@ class LLMPrunerConfig(StructuredConfig):
         if self.taylor not in TAYLOR_VARIANTS:
             raise ShearkitError(f"prune.taylor must be one of {', '.join(TAYLOR_VARIANTS)}, got '{self.taylor}'.")
         if self.max_calib < 1 or self.batch_size < 1:
-            raise ShearkitError("prune.max_calib and prune.batch_size must be >= 1.")
+            raise ShearkitError(f"prune.max_calib and prune.batch_size must be >= 1, got {self.max_calib} and "
+                                f"{self.batch_size}.")
         if self.save_every < 0:
             raise ShearkitError(f"prune.save_every must be >= 0 (0: no checkpoints), got {self.save_every}.")
 
@@ -79,7 +80,8 @@ class LLMPruner(StructuredMethod):
     def score(self, model, ctx, layers):
         cfg = self.config
         if ctx.calib is None:
-            raise ShearkitError("llm-pruner needs calibration tokens (gradients of the LM loss).")
+            raise ShearkitError("llm-pruner needs calibration tokens (gradients of the LM loss): give the MethodContext "
+                                "calibration windows (calib=), or run it with shearkit.prune, which draws them.")
         stats = collect_stats(model, ctx.calib[: cfg.max_calib], grads=True, batch_size=cfg.batch_size,
                               desc="llm-pruner gradients", checkpointing=cfg.checkpointing,
                               loss_chunk=cfg.loss_chunk, save_every=cfg.save_every, resume=ctx.resume,

@@ -188,7 +188,7 @@ def _check_superset(old, new) -> None:
         n = new.layers.get(key, {})
         for f in ("mlp_channels", "kv_groups", "heads"):
             if not set(e.get(f, [])) <= set(n.get(f, [])):
-                raise ShearkitError(f"internal: a later prune dropped pruned {f} of layer {key}.")
+                raise RuntimeError(f"internal error, please report it: a later prune dropped pruned {f} of layer {key}.")
 
 
 @register_method
@@ -232,8 +232,11 @@ class LoRAPrune(StructuredMethod):
         try:
             trainer = ctx.trainer(peft_model, tcfg, callbacks=[scores], name="loraprune", desc="loraprune")
             history = trainer.fit(resume=ctx.resume)
-        finally:
-            scores.masks.remove()
+        except BaseException:
+            scores.masks.remove()  # (before unloading: the hooks sit on the adapted modules)
+            peft_model.unload()  # an error mid-training gives the model back as it was, without adapters
+            raise
+        scores.masks.remove()
         if diverged(history) and not scores.final:
             peft_model.unload()  # the model as given: the masks are gone, the base weights untouched
             raise ShearkitError(f"LoRAPrune could not finish. {history['stop_message']} The schedule had pruned "

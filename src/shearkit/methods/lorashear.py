@@ -92,7 +92,8 @@ class LoRAShearConfig(StructuredConfig):
         if self.attn_unit == "query_heads":
             raise ShearkitError("lorashear prunes KV groups and MLP channels; use attn_unit kv_group or none.")
         if self.analysis_windows < 1 or self.analysis_seqlen < 2:
-            raise ShearkitError("prune.analysis_windows must be >= 1 and prune.analysis_seqlen >= 2.")
+            raise ShearkitError(f"prune.analysis_windows must be >= 1 and prune.analysis_seqlen >= 2, got "
+                                f"{self.analysis_windows} and {self.analysis_seqlen}.")
         if self.saliency is not None:
             check_weights(self.saliency)
         self.dynamic_config()
@@ -281,9 +282,11 @@ class LoRAShear(StructuredMethod):
                                 f"{tcfg.lr:g}).")
         short = {f"{k[0]}.{k[1]}": (len(opt.pruned[k]), q) for k, q in quotas.items() if len(opt.pruned[k]) != q}
         if short:
-            raise ShearkitError(f"LHSPG stopped at step {lhspg_hist['steps_done']} of {tcfg.steps} "
-                                f"({lhspg_hist.get('stopped')}) before every target was reached ({short}); see "
-                                "the training log, lower the learning rate or raise the steps.")
+            # the schedule forces every period's quota by its end and a divergence is reported above:
+            # reaching this is a bug, not a setting to change
+            raise RuntimeError(f"internal error, please report it: LHSPG stopped at step "
+                               f"{lhspg_hist['steps_done']} of {tcfg.steps} ({lhspg_hist.get('stopped')}) before "
+                               f"every target was reached ({short}).")
         opt.remove_scales()
 
         # 5. physical removal

@@ -118,7 +118,8 @@ def load_kind_ratios(path: str, num_layers: int | None = None) -> dict[str, list
                                                and math.isfinite(x) and x >= 0 for x in r)):
             raise ShearkitError(f'{path}: "{key}" must be a list of numbers >= 0, one per decoder layer.')
         if num_layers is not None and len(r) != num_layers:
-            raise ShearkitError(f"{path} gives {len(r)} {key}, but the model has {num_layers} decoder layers.")
+            raise ShearkitError(f"{path} gives {len(r)} {key}, but the model has {num_layers} decoder layers; give "
+                                "one ratio per layer in each list.")
         out[kind] = [float(x) for x in r]
     return out
 

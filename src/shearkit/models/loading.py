@@ -145,8 +145,8 @@ def load_gguf(path: str | os.PathLike):
     missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
     missing = [k for k in missing if k not in _tied_keys(model)]
     if missing or unexpected:
-        raise ShearkitError(f"GGUF conversion of {path} left weights unmatched: missing {missing[:5]}, "
-                            f"unexpected {unexpected[:5]}.")
+        raise RuntimeError(f"internal error, please report it: the GGUF conversion of {path} left weights "
+                           f"unmatched: missing {missing[:5]}, unexpected {unexpected[:5]}.")
     model.tie_weights()
     return model.eval(), tok
 

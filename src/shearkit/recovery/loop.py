@@ -218,7 +218,9 @@ class Trainer:
         self.teacher = check_teacher(model, teacher, config)
         self.named_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.named_params:
-            raise ShearkitError("The model has no trainable adapter parameters.")
+            raise ShearkitError("The model has no trainable adapter parameters: unfreeze them (adapters loaded with "
+                                "PeftModel.from_pretrained need is_trainable=True), or pass the base model to "
+                                "get new adapters.")
         self.params = list(self.named_params.values())
         self.base_fingerprint = base_fingerprint(model)
         device = next(model.parameters()).device

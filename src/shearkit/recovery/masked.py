@@ -87,7 +87,8 @@ class MaskedLoraLinear(LoraLinear):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if kwargs.get("adapter_names") is not None:
-            raise ShearkitError("Masked LoRA layers do not take per-example adapter_names.")
+            raise ShearkitError("Masked LoRA layers do not take per-example adapter_names; call the model without "
+                                "adapter_names (its active adapter then applies to every example).")
         if self.disable_adapters or self.merged:
             return super().forward(x, *args, **kwargs)
         active = [n for n in self.active_adapters if n in self.lora_A]

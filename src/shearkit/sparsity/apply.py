@@ -175,7 +175,8 @@ def load_masks(path: str | os.PathLike) -> PackedMasks:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != "shearkit-packed-masks":
-            raise ShearkitError(f"{path} is not a shearkit mask file.")
+            raise ShearkitError(f"{path} is not a shearkit mask file; give the masks file shearkit wrote beside "
+                                "the plan's plan.json.")
         packed = {k: f.get_tensor(k) for k in f.keys()}
     try:
         shapes = json.loads(meta.get("shapes", ""))
@@ -219,6 +220,7 @@ def apply_masks(model, plan, masks: Mapping[str, torch.Tensor] | str | os.PathLi
         log.info("Plan '%s' also updated the kept weights; its masks restore the zeros, not those weights.",
                  plan.method)
     ad = get_adapter(model)
+    plan_linears(model, plan)  # a layer or projection the model lacks is refused before any weight is zeroed
     for li, entry in plan.layers.items():
         refs = block_linears(ad.block_view(int(li)))
         for rel in entry.get("sparsity", {}):

@@ -62,7 +62,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     if nm:
         check_nm_shape(cols, nm[1])
         if blocksize % nm[1]:
-            raise ShearkitError(f"SparseGPT blocksize {blocksize} must be a multiple of M={nm[1]}.")
+            raise ShearkitError(f"SparseGPT blocksize {blocksize} must be a multiple of M={nm[1]} (the N:M group "
+                                f"size); set prune.blocksize to a multiple of {nm[1]}.")
     w = weight.to(torch.float32).clone(memory_format=torch.contiguous_format)
     u, dead = inverse_hessian_factor(hessian.to(w.device), damp)
     w[:, dead] = 0.0

@@ -155,7 +155,8 @@ def train_only_shared_parts(model: nn.Module) -> Iterator[dict[str, nn.Parameter
     m = unwrap(model)
     trainable = shared_parameters(m)
     if not trainable:
-        raise ShearkitError("The model has no shared blocks to train.")
+        raise ShearkitError("The model has no shared blocks to train; give it some first (share_block, "
+                            "shearkit.extend or the flexigpt method).")
     before = {id(p): p.requires_grad for p in m.parameters()}
     try:
         for p in m.parameters():
