@@ -204,6 +204,7 @@ def pytest_sessionfinish(session, exitstatus):
         msg = ("tests/error_tests.json names tests for errors they did not raise in this run (re-record: "
                "see tools/errors_doc.py):\n  " + "\n  ".join(stale[:20]))
         if tr is not None:
+            tr.ensure_newline()
             tr.write_line(msg, red=True)
         else:
             print(msg)
