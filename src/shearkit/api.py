@@ -31,9 +31,12 @@ def check_tasks(tasks: Iterable[str] | str, data_dir: str | os.PathLike | None =
 
 
 def evaluate(model, tokenizer, tasks: Iterable[str] | str = ("wikitext2",), *, seqlen: int = 2048,
-             limit: int | None = None, batch_size: int = 1, split: str | None = None,
+             limit: int | None = None, batch_size: int | str = "auto", split: str | None = None,
              data_dir: str | os.PathLike | None = None) -> dict[str, dict]:
     """Evaluate a model: perplexity sets by the concatenated protocol, other names as zero-shot tasks.
+
+    `batch_size`: windows (requests) per forward pass, or `auto`: 1 on the CPU, on an accelerator the
+    largest that fits in memory (perplexity: `eval.perplexity.perplexity`; zero-shot: lm-eval's own `auto`).
 
     Returns task -> record; each record has `metric` and `value` plus the protocol it was measured with.
     """

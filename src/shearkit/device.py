@@ -26,14 +26,26 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def resolve_dtype(dtype: str = "auto", device: str = "cpu"):
-    """Map a dtype name to a torch dtype; 'auto' is float32 on CPU and bfloat16 on CUDA when supported."""
+    """Map a dtype name to a torch dtype; 'auto' is float32 on CPU and bfloat16 on CUDA when the GPU
+    supports it natively (else float16)."""
     import torch
 
     if dtype == "auto":
         if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if _native_bf16() else torch.float16
         return torch.float32
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in table:
         raise ShearkitError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'.")
     return table[dtype]
+
+
+def _native_bf16() -> bool:
+    """Whether the GPU computes in bfloat16 natively (Ampere and later): torch's default check also
+    counts GPUs that only emulate it (slowly), where float16 is the better choice."""
+    import torch
+
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument counts native support only
+        return torch.cuda.is_bf16_supported()

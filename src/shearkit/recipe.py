@@ -63,7 +63,8 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["wikitext2"])
     seqlen: int = 2048
     limit: int | None = None  # first N windows (perplexity) or N examples (zero-shot)
-    batch_size: int = 1
+    # windows (requests) per forward pass; auto: 1 on the CPU, on an accelerator the largest that fits
+    batch_size: int | str = "auto"
     split: str | None = None
     data_dir: str | None = None
 
@@ -76,7 +77,12 @@ class EvalConfig:
             raise ShearkitError(f"--limit must be a positive integer, got {self.limit}.")
         if self.seqlen < 2:
             raise ShearkitError(f"--seqlen must be at least 2, got {self.seqlen}.")
-        if self.batch_size < 1:
+        if isinstance(self.batch_size, str):
+            if self.batch_size.strip().lower() != "auto":
+                raise ShearkitError(f"--batch-size must be a whole number of windows or 'auto', got "
+                                    f"'{self.batch_size}'.")
+            self.batch_size = "auto"
+        elif self.batch_size < 1:
             raise ShearkitError(f"--batch-size must be at least 1, got {self.batch_size}.")
 
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..arch import get_adapter
 from ..arch.base import BlockView
+from ..batching import Backoff, chunks
 from ..errors import ShearkitError
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,12 @@ class BlockInputs:
     kwargs: list[dict[str, Any]]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     store: torch.device | None = None  # where `hidden` lives; None = `device`
+    # rows per block call: a batch that runs out of memory is run in smaller chunks (`batching`)
+    backoff: Backoff | None = None
+
+    def __post_init__(self):
+        if self.backoff is None:
+            self.backoff = Backoff(max((h.shape[0] for h in self.hidden), default=1), "calibration")
 
     def hidden_at(self, b: int) -> torch.Tensor:
         """Batch b's hidden states on the compute device."""
@@ -65,16 +72,39 @@ class BlockInputs:
     def num_tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
-    def call(self, block: nn.Module, b: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """Run `block` on batch `b` (or on `hidden` with batch b's other arguments)."""
+    def call(self, block: nn.Module, b: int, hidden: torch.Tensor | None = None, rows: tuple[int, int] | None = None
+             ) -> torch.Tensor:
+        """Run `block` on batch `b` (or on `hidden` with batch b's other arguments); `rows=(lo, hi)`:
+        on those rows of the batch only (`hidden` then holds just those rows)."""
         x = self.hidden_at(b) if hidden is None else hidden
-        return block_output(block(x, *self.args[b], **self.kwargs[b]))
+        args, kwargs = self.args[b], self.kwargs[b]
+        if rows is not None and rows != (0, self.hidden[b].shape[0]):
+            n, (lo, hi) = self.hidden[b].shape[0], rows
+            if hidden is None:
+                x = x[lo:hi]
+            args, kwargs = _rows(args, lo, hi, n), _rows(kwargs, lo, hi, n)
+        return block_output(block(x, *args, **kwargs))
 
     @torch.no_grad()
-    def forward(self, block: nn.Module) -> list[torch.Tensor]:
-        """Outputs of `block` for every batch (no gradients), stored like `hidden`."""
+    def forward(self, block: nn.Module, rows: int | None = None) -> list[torch.Tensor]:
+        """Outputs of `block` for every batch (no gradients), stored like `hidden`.
+
+        A batch that runs out of memory is run again in chunks of half its rows, and the chunks'
+        outputs joined (each row's output is its own). `rows`: chunks of at most that many rows and
+        no retrying (the caller retries: `calibration.stats.collect_input_stats`)."""
         store = self.store or self.device
-        return [self.call(block, b).to(store) for b in range(len(self))]
+
+        def batch(b: int) -> torch.Tensor:
+            n = self.hidden[b].shape[0]
+
+            def run(lo: int, hi: int) -> torch.Tensor:  # only these rows go to the device (offloaded inputs)
+                x = self.hidden_at(b) if (lo, hi) == (0, n) else self.hidden[b][lo:hi].to(self.device, non_blocking=True)
+                return self.call(block, b, x, rows=(lo, hi)).to(store)
+
+            parts = [run(lo, hi) for lo, hi in chunks(n, rows)] if rows is not None else self.backoff.map(run, n)
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        return [batch(b) for b in range(len(self))]
 
     def batches(self) -> Iterator[tuple[torch.Tensor, tuple, dict]]:
         for b in range(len(self)):
@@ -90,6 +120,43 @@ def block_output(out: Any) -> torch.Tensor:
         return out[0]
     raise ShearkitError(f"A decoder block returned {type(out).__name__}; expected a tensor or a tuple "
                         "starting with the hidden states.")
+
+
+def _rows(obj: Any, lo: int, hi: int, n: int) -> Any:
+    """Rows `lo..hi` of a block call's per-row arguments: the tensors (of 2 dimensions or more) whose
+    first dimension is the batch's `n` rows (masks, position ids); shared ones (RoPE tables for positions
+    (1, seqlen), cache positions (seqlen,)) and other values unchanged."""
+    if isinstance(obj, torch.Tensor):
+        return obj[lo:hi] if obj.dim() >= 2 and obj.shape[0] == n else obj
+    if isinstance(obj, tuple):
+        return tuple(_rows(o, lo, hi, n) for o in obj)
+    if isinstance(obj, list):
+        return [_rows(o, lo, hi, n) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _rows(v, lo, hi, n) for k, v in obj.items()}
+    return obj
+
+
+class _Unjoinable(Exception):
+    """The chunks of a batch captured arguments that are neither per-row nor shared."""
+
+
+def _join(parts: list, rows: list[int]) -> Any:
+    """One batch's call arguments from those its row chunks (of `rows` rows each) were called with:
+    per-row tensors (first dimension = the chunk's rows in every chunk) are concatenated, values alike
+    in every chunk kept once (the inverse of `_rows`)."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        if all(isinstance(p, torch.Tensor) and p.dim() >= 2 and p.shape[0] == r and p.shape[1:] == first.shape[1:]
+               for p, r in zip(parts, rows)):
+            return torch.cat(parts)
+    elif isinstance(first, (tuple, list)) and all(type(p) is type(first) and len(p) == len(first) for p in parts):
+        return type(first)(_join([p[i] for p in parts], rows) for i in range(len(first)))
+    elif isinstance(first, dict) and all(isinstance(p, dict) and p.keys() == first.keys() for p in parts):
+        return {k: _join([p[k] for p in parts], rows) for k in first}
+    if all(_same(first, p) for p in parts[1:]):
+        return first
+    raise _Unjoinable
 
 
 def _to(obj: Any, device: torch.device) -> Any:
@@ -191,25 +258,45 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     hidden, args_l, kwargs_l = [], [], []
+    backoff = Backoff(batch_size, "calibration")
+
+    def run_stem(ids: torch.Tensor) -> tuple[torch.Tensor, tuple, dict] | None:
+        """The first block's (hidden, other args, kwargs) for `ids`; None when the block was not called."""
+        try:
+            model(input_ids=ids, use_cache=False)
+        except _Caught:
+            pass
+        else:
+            return None
+        args = caught.pop("args")
+        kwargs = {k: v for k, v in caught.pop("kwargs").items()}
+        if args:
+            return args[0], tuple(args[1:]), kwargs
+        return kwargs.pop("hidden_states"), (), kwargs
+
     try:
+        all_ids = tokens.to(dev)  # one copy to the device, not one per batch
         starts = range(0, tokens.shape[0], batch_size)
         for s in progress(starts, desc, unit="batch"):
-            ids = tokens[s:s + batch_size].to(dev)
-            try:
-                model(input_ids=ids, use_cache=False)
-            except _Caught:
-                pass
-            else:  # the model's forward skipped its blocks (e.g. config.num_hidden_layers set to 0)
+            ids = all_ids[s:s + batch_size]
+            # a batch that runs out of memory runs in row chunks, joined back into this one batch
+            parts = backoff.map(lambda lo, hi: run_stem(ids[lo:hi]), ids.shape[0])
+            if any(p is None for p in parts):  # the model's forward skipped its blocks (num_hidden_layers 0)
                 raise ShearkitError(
                     "The first decoder block was never called during calibration: the model's forward skipped it "
                     f"(config.num_hidden_layers is {getattr(model.config, 'num_hidden_layers', '?')}; the model "
                     f"holds {len(ad.layers)} blocks). Make config.num_hidden_layers match the blocks the model holds.")
-            args = caught["args"]
-            kwargs = {k: v for k, v in caught["kwargs"].items()}
-            if args:
-                x, rest = args[0], tuple(args[1:])
+            if len(parts) == 1:
+                x, rest, kwargs = parts[0]
             else:
-                x, rest = kwargs.pop("hidden_states"), ()
+                try:
+                    x, rest, kwargs = _join(parts, [p[0].shape[0] for p in parts])
+                except _Unjoinable:
+                    raise ShearkitError(
+                        f"A calibration batch of {ids.shape[0]} windows ran out of memory, and it cannot be run in "
+                        "smaller parts: the model's first decoder block takes arguments that are neither one per "
+                        "window nor shared by all windows. Lower the calibration batch size (prune.batch_size) or "
+                        "calib.seqlen.") from None
             # share identical per-batch arguments (masks, RoPE tables) instead of storing copies
             if args_l and _same(rest, args_l[0]) and _same(kwargs, kwargs_l[0]):
                 rest, kwargs = args_l[0], kwargs_l[0]
@@ -220,7 +307,8 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 
         handle.remove()
         for (m, n, p), d in zip(stem, old):
             _move_tensor(m, n, p, d)
-    return BlockInputs(hidden, args_l, kwargs_l, dev, store)
+    backoff.what = "calibration blocks"
+    return BlockInputs(hidden, args_l, kwargs_l, dev, store, backoff)
 
 
 BlockFn = Callable[[BlockView, BlockInputs], Any]

@@ -53,6 +53,10 @@ def collect_input_stats(block: nn.Module, modules: dict[str, nn.Module], inputs:
     sharing is decided on the first batch, holding those inputs alive so that no address is
     reused). When a list is passed as `outputs`, the block's outputs of this same pass are
     appended to it.
+
+    A block call that runs out of memory has added part of its inputs already, so the pass starts
+    again from empty statistics with the batches run in chunks of half the rows (`inputs.backoff`);
+    the statistics are the same sums over the same tokens, in another float order.
     """
     stats: dict[str, InputStats] = {}
     leader: dict[str, str] = {}  # module -> the module whose statistics it shares
@@ -78,13 +82,21 @@ def collect_input_stats(block: nn.Module, modules: dict[str, nn.Module], inputs:
         if batch[0] > 0:
             seen.clear()
 
+    def attempt(rows: int) -> list[torch.Tensor]:
+        stats.clear()
+        leader.clear()
+        seen.clear()
+        batch[0] = -1
+        return inputs.forward(block, rows=rows)
+
     handles = [mod.register_forward_hook(hook(name)) for name, mod in modules.items()]
     handles.append(block.register_forward_pre_hook(next_batch))
     try:
-        out = inputs.forward(block)
+        out = inputs.backoff.retry(attempt)
         if outputs is not None:
             outputs.extend(out)
     finally:
         for h in handles:
             h.remove()
+        seen.clear()
     return stats

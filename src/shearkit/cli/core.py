@@ -30,7 +30,9 @@ def eval_cmd(
     seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Perplexity window length (default 2048, capped at "
                                          "the model's maximum)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N windows / examples (quick runs)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    batch_size: Optional[str] = typer.Option(None, "--batch-size", help="Windows (requests) per forward pass, or "
+                                             "'auto' (the default): 1 on the CPU, on a GPU the largest that "
+                                             "fits in memory. A size that runs out of memory is halved."),
     split: Optional[str] = typer.Option(None, "--split", help="Data split (default: test)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
     device: str = DEVICE_OPT, dtype: str = DTYPE_OPT, cache_dir: Optional[str] = CACHE_OPT,

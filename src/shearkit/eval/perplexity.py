@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from ..batching import Backoff, resolve_batch_size
 from ..data import load_rows, tokenize_stream
 from ..errors import ShearkitError
 from ..progress import progress
@@ -30,18 +31,31 @@ def model_max_length(model) -> int | None:
 
 
 @torch.inference_mode()
-def window_nll(model, windows: torch.Tensor, batch_size: int = 1, desc: str | None = "perplexity") -> torch.Tensor:
-    """Sum of token NLLs (float32) of each window, predicting tokens 1..L-1 from their prefix
-    (`desc=None`: no progress bar)."""
+def window_nll(model, windows: torch.Tensor, batch_size: int | str | Backoff = 1,
+               desc: str | None = "perplexity") -> torch.Tensor:
+    """Sum of token NLLs (float32, returned as float64 on the CPU) of each window, predicting tokens
+    1..L-1 from their prefix (`desc=None`: no progress bar).
+
+    `batch_size`: windows per forward pass, `auto` (`batching.resolve_batch_size`), or a `Backoff`
+    shared between calls. A batch that runs out of memory is scored again in halves (each window's
+    sum is its own, so the sums do not depend on how windows are batched beyond the float order of
+    batched matrix products). The windows go to the device once and the sums come back once: no
+    copy between host and device per batch."""
     device = next(model.parameters()).device
-    sums = []
-    for i in progress(range(0, windows.shape[0], batch_size), desc, unit="batch"):
-        batch = windows[i : i + batch_size].to(device)
+    backoff = batch_size if isinstance(batch_size, Backoff) else Backoff(
+        resolve_batch_size(batch_size, windows.shape[0], device), desc or "perplexity", batch_size)
+    ids = windows.to(device)
+
+    def score(lo: int, hi: int) -> torch.Tensor:
+        batch = ids[lo:hi]
         logits = model(input_ids=batch, use_cache=False).logits.float()
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
-        sums.append(nll.view(batch.shape[0], -1).sum(1).double().cpu())
-    return torch.cat(sums)
+        return nll.view(batch.shape[0], -1).sum(1).double()
+
+    with progress(None, desc, unit="window", total=windows.shape[0]) as bar:
+        sums = backoff.map(score, windows.shape[0], on_done=bar.update)
+    return torch.cat(sums).cpu()
 
 
 def eval_windows(tokenizer, dataset: str, seqlen: int, *, split: str | None = None, limit: int | None = None,
@@ -61,7 +75,7 @@ def eval_windows(tokenizer, dataset: str, seqlen: int, *, split: str | None = No
 
 
 def perplexity(model, tokenizer, dataset: str = "wikitext2", *, split: str | None = None, seqlen: int = 2048,
-               batch_size: int = 1, limit: int | None = None, joiner: str | None = None,
+               batch_size: int | str = "auto", limit: int | None = None, joiner: str | None = None,
                data_dir: str | os.PathLike | None = None) -> dict:
     """Perplexity of `model` on a named data set (or text file) under the concatenated protocol.
 
@@ -71,10 +85,14 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", *, split: str | Non
         seqlen: window length; capped at the model's maximum positions.
         limit: score only the first `limit` windows (quick runs); recorded in the result.
         joiner: override how rows are joined (recorded).
+        batch_size: windows per forward pass, or `auto`: 1 on the CPU; on an accelerator the largest
+            batch (from 64 down, halving) that fits in memory. A fixed size that runs out of memory also
+            halves (with a warning in the log). The size used is recorded (`batch_size`).
 
     Returns:
         A record with `ppl`, `nll`, and the protocol: dataset, split, joiner, seqlen, windows,
-        tokens, bos, limit.
+        tokens, bos, limit, batch_size (the windows per forward pass used in the end) and
+        batch_size_requested.
     """
     if seqlen < 2:
         raise ShearkitError(f"--seqlen must be at least 2, got {seqlen}.")
@@ -85,9 +103,12 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", *, split: str | Non
     windows, rows, total = eval_windows(tokenizer, dataset, eff, split=split, limit=limit, joiner=joiner,
                                         data_dir=data_dir)
     n = windows.shape[0]
-    sums = window_nll(model, windows, batch_size, desc=f"ppl {rows.record['dataset']}")
+    device = next(model.parameters()).device
+    backoff = Backoff(resolve_batch_size(batch_size, n, device), f"ppl {rows.record['dataset']}", batch_size)
+    sums = window_nll(model, windows, backoff, desc=backoff.what)
     nll = float(sums.sum() / (n * (eff - 1)))
     return {"metric": "ppl_concat", "ppl": math.exp(nll), "nll": nll, **rows.record,
             "seqlen": eff, "seqlen_requested": seqlen, "windows": n, "windows_total": total,
             "tokens_scored": n * (eff - 1), "bos": "none (text tokenised once without special tokens)",
-            "limit": limit, "batch_size": batch_size, "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+            "limit": limit, "batch_size": backoff.size, "batch_size_requested": batch_size,
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}

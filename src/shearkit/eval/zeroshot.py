@@ -183,7 +183,7 @@ def write_task_configs(tasks: list[ResolvedTask], folder: str | os.PathLike) -> 
     return folder
 
 
-def zeroshot(model, tokenizer, names: Iterable[str] | str, limit: int | None = None, batch_size: int | None = 1,
+def zeroshot(model, tokenizer, names: Iterable[str] | str, limit: int | None = None, batch_size: int | str | None = 1,
              data_dir: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
     """Zero-shot accuracy of an in-memory model on multiple-choice tasks, scored by lm-evaluation-harness.
 
@@ -193,7 +193,8 @@ def zeroshot(model, tokenizer, names: Iterable[str] | str, limit: int | None = N
         tokenizer: its tokenizer.
         names: task names (see `resolve_tasks`), or one comma-separated string.
         limit: only the first N examples of each task (quick runs; full HellaSwag is 40k requests).
-        batch_size: requests per forward pass (None: 1).
+        batch_size: requests per forward pass (None: 1), or `auto`: 1 on the CPU, else lm-eval's automatic
+            batch size (the largest from 64 down that fits in memory).
         data_dir: the local data directory (default `$SHEARKIT_DATA`).
 
     Returns:
@@ -205,7 +206,9 @@ def zeroshot(model, tokenizer, names: Iterable[str] | str, limit: int | None = N
     if limit is not None and limit < 1:
         raise ShearkitError(f"limit must be a positive number of examples, got {limit}.")
     batch_size = 1 if batch_size is None else batch_size
-    if batch_size < 1:
+    if batch_size == "auto":  # lm-eval's own: from 64 down until a batch fits (on the CPU: 1, as before)
+        batch_size = 1 if next(model.parameters()).device.type == "cpu" else "auto"
+    elif batch_size < 1:
         raise ShearkitError(f"batch_size must be at least 1, got {batch_size}.")
     resolved = resolve_tasks(names, data_dir)
     try:
@@ -231,7 +234,7 @@ def zeroshot(model, tokenizer, names: Iterable[str] | str, limit: int | None = N
     return {r.name: _record(out, r, version, limit, batch_size, dtype) for r in resolved}
 
 
-def _record(out: dict, r: ResolvedTask, harness_version: str | None, limit: int | None, batch_size: int,
+def _record(out: dict, r: ResolvedTask, harness_version: str | None, limit: int | None, batch_size: int | str,
             dtype: str) -> dict[str, Any]:
     """One task's record from `simple_evaluate`'s output (keys like `acc,none` -> `acc`)."""
     res = out["results"].get(r.name)

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..arch import get_adapter
 from ..arch.modules import unwrap
+from ..batching import Backoff
 from ..calibration.blockwise import BlockInputs, capture_inputs, walk_blocks
 from ..errors import ShearkitError
 
@@ -86,11 +87,11 @@ def block_influence(model: nn.Module, tokens: torch.Tensor, *, batch_size: int =
         held["x"] = inp.hidden  # walk_blocks replaces the list with the outputs; this one stays
 
     def compare(_view, out: BlockInputs) -> None:
-        total = 0.0
+        total = None  # summed where the activations are: one copy to the host per block, not per batch
         for x, y in zip(held.pop("x"), out.hidden):
-            cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
-            total += float(cos.double().sum())
-        sums.append(total)
+            cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1).double().sum()
+            total = cos if total is None else total + cos
+        sums.append(float(total))
         if checkpoint is not None:
             checkpoint.maybe_save(len(sums), total_blocks, {"sums": sums},
                                   {f"hidden.{b}": h for b, h in enumerate(out.hidden)})
@@ -112,8 +113,10 @@ def perplexity_drop(model: nn.Module, tokens: torch.Tensor, *, batch_size: int =
         raise ShearkitError(f"Perplexity needs (samples, seqlen >= 2) tokens, got shape {tuple(tokens.shape)}.")
     count = tokens.shape[0] * (tokens.shape[1] - 1)
 
+    backoff = Backoff(batch_size, "block perplexity")  # backs off once for all the passes
+
     def ppl() -> float:
-        return math.exp(float(window_nll(m, tokens, batch_size, desc="block perplexity").sum()) / count)
+        return math.exp(float(window_nll(m, tokens, backoff, desc="block perplexity").sum()) / count)
 
     saved = checkpoint.load() if checkpoint is not None else None
     base, out = (float(saved[0]["base"]), [float(x) for x in saved[0]["drops"]]) if saved else (ppl(), [])

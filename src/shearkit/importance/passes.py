@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..arch.modules import unwrap
+from ..batching import Backoff, chunks
 from ..graph.groups import layer_groups
 
 Scores = dict[tuple[str, int], torch.Tensor]
@@ -56,10 +57,22 @@ def lora_pass(model: nn.Module, tokens: torch.Tensor, batch_size: int = 1, check
     peft_model = get_peft_model(model, lora_config(model, rank, alpha, 0.0))
     peft_model.eval()
     device = next(model.parameters()).device
-    with recompute_activations(model) if checkpointing else nullcontext():
+    factors = [p for p in peft_model.parameters() if p.requires_grad]
+    all_ids = tokens.to(device)
+
+    def attempt(rows: int) -> None:
+        # from nothing again after running out of memory part-way (`batching.Backoff.retry`); a chunk's
+        # mean loss is weighted by its share of the batch, so the summed gradients are the same
+        for p in factors:
+            p.grad = None
         for i in range(0, tokens.shape[0], batch_size):
-            ids = tokens[i:i + batch_size].to(device)
-            causal_lm_loss(peft_model, ids, loss_chunk).backward()
+            ids = all_ids[i:i + batch_size]
+            for lo, hi in chunks(ids.shape[0], rows):
+                loss = causal_lm_loss(peft_model, ids[lo:hi], loss_chunk)
+                (loss if hi - lo == ids.shape[0] else loss * ((hi - lo) / ids.shape[0])).backward()
+
+    with recompute_activations(model) if checkpointing else nullcontext():
+        Backoff(batch_size, "LoRA importance pass").retry(attempt)
     scores = lora_group_scores(peft_model, _all_sets(peft_model))
     peft_model.unload()
     model.train(was_training)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..arch.modules import base_module, is_conv1d, unwrap
+from ..batching import Backoff, chunks
 from ..errors import ShearkitError
 
 
@@ -63,7 +64,9 @@ def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True,
         tokens: LongTensor (n, seqlen) of calibration windows.
         grads: accumulate loss gradients of the block weights (needs a backward pass).
         act_norms: accumulate per-input-feature squared activations.
-        batch_size: windows per forward pass.
+        batch_size: windows per forward pass; a pass that runs out of memory starts again (from its
+            checkpoint) with half as many windows per forward pass, each batch's loss weighted so that
+            the statistics are the same sums (`batching`).
         desc: show a progress bar with that label.
         checkpointing: recompute activations in the backward pass (less memory, same statistics;
             `arch.modules.recompute_activations`).
@@ -96,7 +99,7 @@ def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True,
             def fn(mod, args):
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
                 acc = stats.act_sq.get(name)
-                s = x.pow(2).sum(0).cpu()
+                s = x.pow(2).sum(0)  # summed where the pass runs; to the CPU once, at the end
                 stats.act_sq[name] = s if acc is None else acc + s
             return fn
         handles = [mod.register_forward_pre_hook(hook(n)) for n, mod in mods.items()]
@@ -105,7 +108,44 @@ def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True,
     all_params = list(model.parameters())
     frozen = {id(p): p.requires_grad for p in all_params}
     was_training = model.training
-    total_loss, n_batches = 0.0, 0
+    starts = range(0, tokens.shape[0], batch_size)
+    backoff = Backoff(batch_size, desc or "statistics pass")
+
+    def attempt(rows: int) -> tuple[int, float]:
+        """The pass from its checkpoint (or from nothing), each batch run in chunks of at most `rows`
+        windows whose losses are weighted by their share of the batch: the same sums as whole batches."""
+        for p in params:
+            p.grad = None
+        stats.act_sq.clear()
+        stats.n_tokens, n_batches = 0, 0
+        total_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per batch
+        if ckpt is not None and (restored := ckpt.load()) is not None:  # resume: the accumulators as they were
+            n_batches, stats.n_tokens = restored["n_batches"], restored["n_tokens"]
+            total_loss += restored["total_loss"]
+            for key, t in restored["grad"].items():
+                p = tracked[key]
+                p.grad = t.to(device=p.device, dtype=p.dtype)
+            stats.act_sq.update({k: t.to(device) for k, t in restored["act_sq"].items()})
+        for i in progress(starts[n_batches:], desc, unit="batch"):
+            ids = all_ids[i:i + batch_size]
+            for lo, hi in chunks(ids.shape[0], rows):
+                loss = causal_lm_loss(model, ids[lo:hi], loss_chunk)
+                if hi - lo < ids.shape[0]:  # equal-length windows: a chunk's mean loss times its share
+                    loss = loss * ((hi - lo) / ids.shape[0])
+                if grads:
+                    loss.backward()
+                total_loss += loss.detach().double()
+            n_batches += 1
+            stats.n_tokens += ids.numel()
+            if ckpt is not None and (n_batches % save_every == 0 or n_batches == len(starts)):
+                ckpt.save(n_batches, float(total_loss), stats.n_tokens,
+                          {k: p.grad for k, p in tracked.items() if p.grad is not None}, stats.act_sq)
+        return n_batches, float(total_loss)
+
+    def undo() -> None:
+        if ckpt is not None:  # a snapshot there now is this pass's own (or the one it resumed from)
+            ckpt.resume = True
+
     mode = recompute_activations(model) if checkpointing else nullcontext()
     try:
         model.eval()
@@ -116,25 +156,12 @@ def collect_stats(model: nn.Module, tokens: torch.Tensor, *, grads: bool = True,
                 p.requires_grad_(True)
                 p.grad = None
         ctx = torch.enable_grad() if grads else torch.no_grad()
-        starts = range(0, tokens.shape[0], batch_size)
-        if ckpt is not None and (restored := ckpt.load()) is not None:  # resume: the accumulators as they were
-            n_batches, total_loss, stats.n_tokens = (restored[k] for k in ("n_batches", "total_loss", "n_tokens"))
-            for key, t in restored["grad"].items():
-                p = tracked[key]
-                p.grad = t.to(device=p.device, dtype=p.dtype)
-            stats.act_sq.update(restored["act_sq"])
+        all_ids = tokens.to(device)  # one copy to the device, not one per batch
         with ctx, mode:
-            for i in progress(starts[n_batches:], desc, unit="batch"):
-                ids = tokens[i:i + batch_size].to(device)
-                loss = causal_lm_loss(model, ids, loss_chunk)
-                if grads:
-                    loss.backward()
-                total_loss += float(loss.detach())
-                n_batches += 1
-                stats.n_tokens += ids.numel()
-                if ckpt is not None and (n_batches % save_every == 0 or n_batches == len(starts)):
-                    ckpt.save(n_batches, total_loss, stats.n_tokens,
-                              {k: p.grad for k, p in tracked.items() if p.grad is not None}, stats.act_sq)
+            # out of memory part-way through a backward pass leaves part of a batch's gradient in the
+            # accumulators: the pass starts again (from its checkpoint) with half the windows per call
+            n_batches, total_loss = backoff.retry(attempt, undo)
+        stats.act_sq = {k: v.cpu() for k, v in stats.act_sq.items()}
         if grads:  # the accumulated `.grad` itself is handed over (no copy), then detached from the weight
             for name, mod in mods.items():
                 g = mod.weight.grad

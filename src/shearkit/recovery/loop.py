@@ -6,7 +6,8 @@ takes its own slice of every step's examples; losses are reduced across processe
 
 Lifecycle of one optimizer step `s` (1-based):
 1. `grad_accum` micro-batches, each loss = (summed token loss) / (label tokens of the whole
-   step), so accumulating 2 x 1 sequences equals 1 x 2 sequences;
+   step), so accumulating 2 x 1 sequences equals 1 x 2 sequences (which is also why a step that
+   runs out of memory can run again with each micro-batch split in halves: `_forward_backward`);
 2. gradient unscale and clipping; a NaN/inf loss or gradient, or a loss above `divergence` x
    the best smoothed loss for `divergence_patience` steps, stops training and restores the last
    adapter weights whose loss was finite and in range (`history["stop_message"]` names the step
@@ -25,6 +26,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Union
 
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 
 from ..arch.lm_head import chunked_ce, label_hidden, split_head
 from ..arch.modules import set_activation_checkpointing, unwrap
+from ..batching import Backoff, chunks
 from ..errors import ShearkitError
 from ..plan import base_fingerprint
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
@@ -239,6 +242,8 @@ class Trainer:
         self.sampler: Sampler = sampler if sampler is not None else StepSampler(
             len(train), config.batch_size, config.grad_accum, self.acc.num_processes, config.seed)
         self.guard = DivergenceGuard(config.divergence, config.divergence_patience)
+        # sequences per forward pass: batch_size, halved when a step runs out of memory (`_forward_backward`)
+        self.backoff = Backoff(config.batch_size, desc)
         self.step = 0
         self.tokens_seen = self.label_tokens = 0
         self.history: dict[str, Any] = {}
@@ -262,6 +267,12 @@ class Trainer:
 
         Returns (mean loss of the step over all processes, mean CE when distilling else None,
         label tokens of the step, input tokens of the step).
+
+        A step that runs out of memory (one process only) is run again from its start with each
+        micro-batch split in halves (`self.backoff`): the step's sequences, their order and the
+        normalisation by the step's label tokens are unchanged, so the update is the same up to float
+        order, as halving batch_size and doubling grad_accum would give; the sampler, the checkpoints and
+        the resume settings see the configured batch_size and grad_accum throughout.
         """
         acc, cfg, sampler = self.acc, self.config, self.sampler
         # label tokens of the whole step over every process (the sampler is deterministic, so no
@@ -269,20 +280,40 @@ class Trainer:
         # 2 micro-batches x 1 the same update
         n_label = sum(label_counts[i] for p in range(acc.num_processes) for m in range(cfg.grad_accum)
                       for i in sampler.indices(step, m, p))
-        loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
-        ce_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
-        tokens = 0
-        for m in range(cfg.grad_accum):
-            cpu = collate(self.train_data, sampler.indices(step, m, acc.process_index), pad)
-            tokens += int(cpu["attention_mask"].sum())  # counted on the host: no device sync
-            batch = {k: v.to(acc.device, non_blocking=True) for k, v in cpu.items()}
-            with acc.accumulate(self.wrapped):
-                loss, ce = _step_loss(self.wrapped, batch, n_label, self.teacher, cfg, self._select, self._chunk)
-                # accelerate divides by grad_accum and DDP averages over processes; undo both,
-                # since the loss is already this process's share of the step's mean
-                acc.backward(loss * cfg.grad_accum * acc.num_processes)
-            loss_sum += loss.detach().double()
-            ce_sum += ce.double()
+        micro = [collate(self.train_data, sampler.indices(step, m, acc.process_index), pad)
+                 for m in range(cfg.grad_accum)]
+        tokens = sum(int(cpu["attention_mask"].sum()) for cpu in micro)  # counted on the host: no device sync
+        acc_step = acc.step
+
+        def attempt(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+            loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
+            ce_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
+            for cpu in micro:
+                batch = {k: v.to(acc.device, non_blocking=True) for k, v in cpu.items()}
+                parts = chunks(batch["input_ids"].shape[0], rows)
+                with acc.accumulate(self.wrapped):  # once per micro-batch: accelerate counts them
+                    for j, (lo, hi) in enumerate(parts):
+                        piece = batch if len(parts) == 1 else {k: v[lo:hi] for k, v in batch.items()}
+                        # all but the last piece without a gradient all-reduce (several processes)
+                        with acc.no_sync(self.wrapped) if j < len(parts) - 1 else nullcontext():
+                            loss, ce = _step_loss(self.wrapped, piece, n_label, self.teacher, cfg, self._select,
+                                                  self._chunk)
+                            # accelerate divides by grad_accum and DDP averages over processes; undo both,
+                            # since the loss is already this process's share of the step's mean
+                            acc.backward(loss * cfg.grad_accum * acc.num_processes)
+                        loss_sum += loss.detach().double()
+                        ce_sum += ce.double()
+            return loss_sum, ce_sum
+
+        def undo() -> None:  # the failed attempt's partial gradients and accelerate's micro-batch count
+            for p in self.params:
+                p.grad = None
+            acc.step = acc_step
+
+        if acc.num_processes > 1:  # every process would have to back off together: not attempted
+            loss_sum, ce_sum = attempt(self.backoff.size)
+        else:
+            loss_sum, ce_sum = self.backoff.retry(attempt, undo)
         sums = acc.reduce(torch.stack([loss_sum, ce_sum, torch.tensor(float(tokens), device=acc.device,
                                                                       dtype=torch.float64)]), "sum")
         ce_mean = float(sums[1]) / max(n_label, 1) if self.teacher is not None else None
@@ -333,6 +364,8 @@ class Trainer:
                 "label_tokens": self.label_tokens, "config": self.config.to_dict(),
                 "base_fingerprint": self.base_fingerprint, "processes": self.acc.num_processes,
                 "optimizer_class": self.optimizer_class,
+                # sequences per forward pass after running out of memory: a resumed run starts there
+                "micro_batch_rows": self.backoff.size,
                 # the history so far: a resumed run reports the same losses and evaluations
                 "losses": list(self.history.get("losses") or []),
                 "eval": {str(k): v for k, v in (self.history.get("eval") or {}).items()}}, states)
@@ -371,6 +404,7 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         self.guard.load(st["guard"])
         self.sampler.load_state_dict(st.get("sampler", {}))
+        self.backoff.size = min(self.backoff.size, int(st.get("micro_batch_rows") or self.backoff.size))
         for cb in self.callbacks:
             if cb.name in states:
                 cb.load_state_dict(states[cb.name])
@@ -530,6 +564,8 @@ class Trainer:
             "steps_planned": cfg.steps, "steps_done": done, "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None, "time_s": elapsed,
             "s_per_step": elapsed / ran if ran else None, "processes": acc.num_processes, "device": str(acc.device),
+            # sequences per forward pass: batch_size, or fewer after running out of memory
+            "micro_batch_rows": min(self.backoff.size, cfg.batch_size),
             "data": self.train_data.record, "epochs": self.sampler.epochs(done),
             "budget": {"tokens": self.tokens_seen, "label_tokens": self.label_tokens, "sequences": done * seqs,
                        "sequences_per_step": seqs,
