@@ -99,10 +99,12 @@ class Extender:
         from .methods.flexigpt import resolve_rank
         from .recovery.loop import train_summary
         from .surgery.extend import extend_blocks
-        from .surgery.shared_block import train_only_shared_parts
+        from .surgery.shared_block import refuse_split_sharing, train_only_shared_parts
 
         cfg = self.config
         m = unwrap(model)
+        if cfg.training:
+            refuse_split_sharing()  # before the model is changed: an FSDP launch that would split shared weights
         rank = resolve_rank(m, cfg.rank, f"{SECTION}.rank")
         before = get_adapter(m).param_counts()
         n = get_adapter(m).num_layers

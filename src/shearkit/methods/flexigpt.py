@@ -138,11 +138,13 @@ class FlexiGPT(BlockMethod):
         from ..graph.removal import layer_params_after
         from ..importance.shared_base import choose_bases
         from ..recovery.loop import train_summary
-        from ..surgery.shared_block import refuse_shared, share_block, train_only_shared_parts
+        from ..surgery.shared_block import refuse_shared, refuse_split_sharing, share_block, train_only_shared_parts
 
         cfg = self.config
         m = unwrap(model)
         refuse_shared(m, "FlexiGPT")
+        if cfg.training:
+            refuse_split_sharing()  # before the model is changed: an FSDP launch that would split shared weights
         rank = resolve_rank(m, cfg.rank)
         with torch.no_grad():
             plan = self.plan_blocks(m, self.scores(m, ctx))

@@ -194,7 +194,6 @@ class LoRAShear(StructuredMethod):
         raise ShearkitError("lorashear selects its groups while it trains; call run().")
 
     def run(self, model, ctx: MethodContext) -> Plan:
-        from accelerate import PartialState
         from accelerate.utils import set_seed
         from peft import get_peft_model
 
@@ -210,6 +209,7 @@ class LoRAShear(StructuredMethod):
         from ..recovery.loop import Trainer, train_summary
         from ..recovery.lora import lora_config
         from ..recovery.mixture import MixtureSampler
+        from ..recovery.sampling import process_count
         from ..surgery import apply_structured
 
         cfg = self.config
@@ -228,7 +228,7 @@ class LoRAShear(StructuredMethod):
         mixture, heldout, reserved = build_sources(
             ctx.tokenizer, dcfg.phases, seqlen=rcfg.seqlen, heldout_windows=dcfg.heldout_windows,
             heldout_seqlen=dcfg.heldout_seqlen, heldout_examples=dcfg.heldout_examples, reserve=reserve,
-            seed=cfg.seed, data_dir=ctx.data_dir, train_examples=_most_drawn(tcfg, rcfg))
+            seed=cfg.seed, data_dir=ctx.data_dir, train_examples=_most_drawn(process_count(base), tcfg, rcfg))
 
         # 2. the dense reference
         dense = _cached(work, "dense_reference.json", ctx.resume, lambda: dense_reference(base, ctx.tokenizer, heldout))
@@ -269,7 +269,7 @@ class LoRAShear(StructuredMethod):
                                       epsilon=cfg.epsilon, saliency=cfg.saliency))
 
         first = dcfg.phases[0]
-        sampler = MixtureSampler(mixture.ranges, tcfg.batch_size, tcfg.grad_accum, PartialState().num_processes, tcfg.seed)
+        sampler = MixtureSampler(mixture.ranges, tcfg.batch_size, tcfg.grad_accum, process_count(base), tcfg.seed)
         sampler.set_weights(0, {s: (1.0 / len(first) if s in first else 0.0) for s in mixture.ranges})
         trainer = Trainer(peft_model, ctx.tokenizer, mixture.data, tcfg, callbacks=[state], optimizer=make,
                           sampler=sampler, root=ctx.work_dir("lhspg"), data_dir=ctx.data_dir, desc="lhspg")
@@ -330,11 +330,10 @@ class LoRAShear(StructuredMethod):
         return plan
 
 
-def _most_drawn(*configs) -> int:
-    """Examples both training stages draw in all: the most one source of the mixture can give."""
-    from accelerate import PartialState
-
-    return sum(c.steps * c.batch_size * c.grad_accum for c in configs) * PartialState().num_processes
+def _most_drawn(processes: int, *configs) -> int:
+    """Examples both training stages draw in all over `processes` processes: the most one source of the
+    mixture can give."""
+    return sum(c.steps * c.batch_size * c.grad_accum for c in configs) * processes
 
 
 def _cached(work, name: str, resume: bool, compute):

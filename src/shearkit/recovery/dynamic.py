@@ -283,11 +283,11 @@ def dynamic_recover(model, tokenizer, train_config: RecoverConfig, cfg: DynamicC
     """Train `model` (a peft model with LoRA attached) for at most `train_config.steps` steps on the
     dynamically weighted mixture `train`; returns the Trainer's history plus "rounds" (one record per
     held-out measurement) and "mixture" (config, sources, examples drawn per source)."""
-    from accelerate import PartialState
+    from .sampling import process_count
 
     _check_sources(cfg, train, heldout, dense)
-    sampler = MixtureSampler(train.ranges, train_config.batch_size, train_config.grad_accum,
-                             PartialState().num_processes, train_config.seed)
+    sampler = MixtureSampler(train.ranges, train_config.batch_size, train_config.grad_accum, process_count(model),
+                             train_config.seed)
     mix = DynamicMix(cfg, sampler, heldout, dense, pad_id(tokenizer))
     trainer = Trainer(model, tokenizer, train.data, train_config, sampler=sampler, root=root,
                       callbacks=[mix, *callbacks], desc=desc, optimizer=optimizer, data_dir=data_dir)

@@ -60,3 +60,13 @@ class StepSampler:
 
     def load_state_dict(self, state: dict) -> None:
         return None
+
+
+def process_count(model) -> int:
+    """How many processes train `model`: 1, or the launcher's world size under `accelerate launch` /
+    torchrun. Starts accelerate's shared state the way the `Trainer` does (`cpu=True` for a model on
+    the CPU): started plainly first, on a machine without an accelerator it would take a launched run
+    for one process and leave every process training alone on its share of each step."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=next(model.parameters()).device.type == "cpu").num_processes

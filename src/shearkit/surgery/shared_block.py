@@ -19,6 +19,7 @@ again or given peft LoRA (`refuse_shared`): both would write into weights two bl
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -32,7 +33,7 @@ from ..importance.shared_base import block_shapes, block_weights, max_rank, trun
 from ..io.remote_code import OutputNorm, SharedLinear
 
 __all__ = ["OutputNorm", "SharedLinear", "share_block", "shared_spec", "has_shared_blocks", "refuse_shared",
-           "train_only_shared_parts", "shared_parameters"]
+           "refuse_split_sharing", "train_only_shared_parts", "shared_parameters"]
 
 FAMILIES = ("llama",)
 INITS = ("svd", "lora")
@@ -148,22 +149,42 @@ def shared_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
+def refuse_split_sharing() -> None:
+    """Refuse training shared blocks under an FSDP launch that wraps modules into separate units
+    (`accelerate launch` with `fsdp_auto_wrap_policy` other than NO_WRAP, read from the environment the
+    launcher sets and the `Trainer`'s Accelerator reads): a shared weight would sit in its owner
+    block's unit only, and a block using it would meet it sharded whenever that unit is not gathered."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return
+    policy = os.environ.get("FSDP_AUTO_WRAP_POLICY", "NO_WRAP").upper()
+    if policy != "NO_WRAP":
+        raise ShearkitError(f"This model has weight-shared blocks (FlexiGPT, shearkit extend), and FSDP's {policy} "
+                            "wrapping would put each shared weight into the shard of the block that owns it only, "
+                            "so the blocks computing with it would meet a shard. Launch with "
+                            "configs/accelerate/fsdp_shared_blocks.yaml (fsdp_auto_wrap_policy: NO_WRAP) or with "
+                            "DDP (configs/accelerate/ddp.yaml).")
+
+
 @contextmanager
 def train_only_shared_parts(model: nn.Module) -> Iterator[dict[str, nn.Parameter]]:
     """Only the shared copies' adapters and output-norm scales require grad inside the block
-    (every other weight of the model, the shared ones included, is frozen); restored afterwards."""
+    (every other weight of the model, the shared ones included, is frozen); restored afterwards.
+    Under an FSDP launch that would split shared weights from their users: refused (`refuse_split_sharing`)."""
     m = unwrap(model)
     trainable = shared_parameters(m)
     if not trainable:
         raise ShearkitError("The model has no shared blocks to train; give it some first (share_block, "
                             "shearkit.extend or the flexigpt method).")
-    before = {id(p): p.requires_grad for p in m.parameters()}
+    refuse_split_sharing()
+    # the parameters as they are now: a wrapper applied inside (FSDP's flat parameters, DTensors) adds
+    # or swaps parameters of `m`, and only these are put back
+    before = [(p, p.requires_grad) for p in m.parameters()]
     try:
-        for p in m.parameters():
+        for p, _ in before:
             p.requires_grad_(False)
         for p in trainable.values():
             p.requires_grad_(True)
         yield trainable
     finally:
-        for p in m.parameters():
-            p.requires_grad_(before[id(p)])
+        for p, flag in before:
+            p.requires_grad_(flag)
