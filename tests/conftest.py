@@ -179,25 +179,26 @@ def pytest_runtest_logreport(report):
         _PASSED.add(report.nodeid)
 
 
-def _errors_doc():
+def errors_doc():
+    """tools/errors_doc.py as a module (loaded once)."""
     import importlib.util
     import sys
 
-    spec = importlib.util.spec_from_file_location("errors_doc", Path(__file__).parent.parent / "tools" / "errors_doc.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("errors_doc", mod)
-    spec.loader.exec_module(mod)
+    if "errors_doc" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("errors_doc", Path(__file__).parent.parent / "tools" / "errors_doc.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["errors_doc"] = mod  # before running it: its dataclasses look their module up
+        spec.loader.exec_module(mod)
     return sys.modules["errors_doc"]
 
 
 def pytest_sessionfinish(session, exitstatus):
-    mapping_tests = {t for tests in _errors_doc().load_mapping().values() for t in tests}
-    if not _PASSED & mapping_tests:
+    doc = errors_doc()
+    mapping = doc.load_mapping()
+    if not any(t in _PASSED for tests in mapping.values() for t in tests):
         return
-    doc = _errors_doc()
-    sites = doc.find_sites()
-    hits = doc.read_hits(os.environ["SHEARKIT_RECORD_ERRORS"], sites)
-    stale = [f"{test} no longer raises {sid}" for sid, tests in doc.load_mapping().items()
+    hits = doc.read_hits(os.environ["SHEARKIT_RECORD_ERRORS"], doc.find_sites())
+    stale = [f"{test} no longer raises {sid}" for sid, tests in mapping.items()
              for test in tests if test in _PASSED and test not in hits.get(sid, ())]
     if stale:
         tr = session.config.pluginmanager.get_plugin("terminalreporter")

@@ -1,8 +1,6 @@
 """docs/errors.md lists every user-facing error in the code, each with a test that raises it."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 import re
 from pathlib import Path
 
@@ -10,20 +8,14 @@ import pytest
 
 from shearkit.errors import ShearkitError
 
+from conftest import errors_doc
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _doc():
-    spec = importlib.util.spec_from_file_location("errors_doc", ROOT / "tools" / "errors_doc.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("errors_doc", mod)
-    spec.loader.exec_module(mod)
-    return sys.modules["errors_doc"]
 
 
 @pytest.fixture(scope="module")
 def doc():
-    return _doc()
+    return errors_doc()
 
 
 @pytest.fixture(scope="module")

@@ -62,13 +62,16 @@ def unknown(kind: str, name: str, choices: Iterable[str]) -> ShearkitError:
 
 
 def out_of_memory(exc: BaseException) -> ShearkitError | None:
-    """The user-facing error for running out of memory (a CUDA out-of-memory error or a host
-    `MemoryError`), saying which knobs make a batch smaller; None for any other exception."""
+    """The user-facing error for running out of memory (what `batching.is_oom` counts as such, or a
+    host `MemoryError`), saying which knobs make a batch smaller; None for any other exception."""
     torch = sys.modules.get("torch")
+    if not isinstance(exc, MemoryError):
+        from .batching import is_oom
+
+        if torch is None or not is_oom(exc):
+            return None
     cuda = torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ()))
-    if not cuda and not isinstance(exc, MemoryError):
-        return None
-    where = "on the GPU" if cuda else "in host memory"
+    where = "on the GPU" if cuda else "in host memory" if isinstance(exc, MemoryError) else "on the device"
     first = (str(exc).strip().splitlines() or [""])[0][:200]
     return ShearkitError(f"Out of memory {where}{f' ({first})' if first else ''}. Make each batch smaller: "
                          "lower train.batch_size (--batch-size) and raise train.grad_accum to keep the same "
