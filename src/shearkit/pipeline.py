@@ -5,6 +5,7 @@ recipe says (a `prune` section, an optional `recover` section, an `eval` section
 """
 from __future__ import annotations
 
+import shutil
 import time
 from typing import Any, Callable
 
@@ -23,6 +24,7 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
     from . import api
     from .arch import get_adapter
     from .eval.speed import PeakMemory
+    from .io.lazy import is_lazy, require_materialized
     from .pruning import calib_tokens, prune
 
     save_format = recipe.top.get("save_format", "dense")
@@ -48,8 +50,14 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
         run.write_recipe(recipe)
         mc, ec = recipe.model, recipe.eval
         step(f"loading {mc.name}")
-        model, tok = api.load(mc.name, device=mc.device, dtype=mc.dtype, cache_dir=mc.cache_dir,
-                              trust_remote_code=mc.trust_remote_code)
+        lazy_dir = run.path / "lazy-blocks"  # a lazy model's pruned blocks until the model is saved
+        shutil.rmtree(lazy_dir, ignore_errors=True)  # an interrupted run's: its blocks are redone or re-applied
+        model, tok = api.load(mc.name, **mc.load_options(), work_dir=lazy_dir)
+        if is_lazy(model):  # what needs every weight at once is refused before the long part of the run
+            if rcfg is not None and getattr(rcfg, "steps", 0) > 0:
+                require_materialized(model, "LoRA recovery")
+            if save_format in ("gguf", "compressed-tensors"):
+                require_materialized(model, f"save_format {save_format}")
         if save_format == "gguf":  # refuse a family GGUF export cannot take before the long part of the run
             from .io.gguf_export import check_family
 
@@ -108,6 +116,8 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
         if save_format != "none":
             _save_model(model, tok, run, plan, metrics, save_format, overwrite=resume)
         run.write_metrics(metrics)
+        if is_lazy(model):
+            shutil.rmtree(lazy_dir, ignore_errors=True)  # saved in the run's model folder now
         echo(f"run directory: {run.path}")
         return {**metrics, "run_dir": str(run.path)}
 

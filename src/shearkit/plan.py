@@ -31,8 +31,12 @@ log = logging.getLogger(__name__)
 
 
 def fingerprint(model) -> str:
-    """A short hash of the model's weights (names, shapes and a strided sample of every tensor)."""
-    return fingerprint_state(model.state_dict())
+    """A short hash of the model's weights (names, shapes and a strided sample of every tensor); a lazy
+    model's blocks are read from disk one tensor at a time."""
+    from .io.lazy import lazy_weights
+
+    store = lazy_weights(model)
+    return fingerprint_state(store.state(model) if store is not None else model.state_dict())
 
 
 def fingerprint_state(state) -> str:
@@ -40,7 +44,8 @@ def fingerprint_state(state) -> str:
     import torch
 
     h = hashlib.blake2b(digest_size=12)
-    for name, p in sorted(state.items()):
+    for name in sorted(state):
+        p = state[name]
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
         flat = p.detach().reshape(-1)

@@ -52,12 +52,19 @@ def prune(model, tokenizer, method: str | PruneConfig, ratio: float | None = Non
     Raises:
         ShearkitError: the method does not support the model's family (the message lists those it does).
     """
+    from .io.lazy import is_lazy, require_materialized
     from .surgery.shared_block import refuse_shared
 
     cfg = resolve_config(method, ratio, **options)
     cls = get_method(cfg.method)
     check_family(cfg.method, model)  # before any calibration data is read
     refuse_shared(model, "pruning it again")
+    if is_lazy(model):
+        if not cls.lazy_ok:
+            require_materialized(model, f"Method '{cfg.method}'")
+        if dry_run and cls.in_place:
+            raise ShearkitError("A dry run copies the model, and this model was loaded block by block (--lazy or "
+                                "--max-memory); run it without --dry-run, or load the model whole.")
     if resume and run_dir is None:
         raise ShearkitError("resume=True needs run_dir, the folder that holds the method's checkpoints.")
     impl = cls(cfg)

@@ -39,6 +39,21 @@ class ModelConfig:
     dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
     cache_dir: str | None = None
     trust_remote_code: bool = False
+    # models larger than memory: decoder blocks stay on disk, loaded one at a time (magnitude, wanda,
+    # sparsegpt, besa, shortgpt; perplexity, zero-shot, saving); max_memory: lazy only when the weights exceed it
+    lazy: bool = False
+    max_memory: str | None = None  # e.g. 8GB, 500MiB
+
+    def __post_init__(self):
+        if self.max_memory is not None:
+            from .io.lazy import parse_memory
+
+            parse_memory(self.max_memory)
+
+    def load_options(self) -> dict:
+        """The keyword arguments of `shearkit.load` this section sets."""
+        return {"device": self.device, "dtype": self.dtype, "cache_dir": self.cache_dir,
+                "trust_remote_code": self.trust_remote_code, "lazy": self.lazy, "max_memory": self.max_memory}
 
 
 @dataclass

@@ -14,7 +14,8 @@ accelerator. Instead:
    device, hands it and its cached inputs to a callback (which may prune it), then runs the
    (now pruned) block over the inputs to produce the next block's inputs, and moves the block
    back. Only one block and one set of activations live on the compute device, so a model far
-   larger than the accelerator's memory can be pruned with the rest kept on CPU.
+   larger than the accelerator's memory can be pruned with the rest kept on CPU; a model loaded
+   lazily (`io.lazy`) keeps the rest on disk, so one larger than host memory can be pruned too.
 
 Nothing here knows which method is running: callbacks get the block view and its inputs.
 """
@@ -317,41 +318,35 @@ BlockFn = Callable[[BlockView, BlockInputs], Any]
 def walk_blocks(model: nn.Module, inputs: BlockInputs, fn: BlockFn | None = None, *, start: int = 0,
                 stop: int | None = None, propagate: bool = True,
                 after: Callable[[BlockView, BlockInputs], Any] | None = None,
-                desc: str | None = None) -> BlockInputs:
+                desc: str | None = None, changes: bool | None = None) -> BlockInputs:
     """Visit decoder blocks `start..stop-1` in order, feeding each its predecessor's output.
 
-    For block i: move it to `inputs.device`, call `fn(view, inputs)` (which may change the
-    block's weights), then (with `propagate`) replace `inputs.hidden` by the block's outputs
-    on those inputs, call `after(view, outputs)` (e.g. to checkpoint) and move the block back
-    to where it was. `inputs` is updated in place and returned (the last block's outputs).
+    For block i: bring it to `inputs.device` (`io.lazy.loaded_block`: moved there, or loaded from disk
+    for a lazy model), call `fn(view, inputs)` (which may change the block's weights), then (with
+    `propagate`) replace `inputs.hidden` by the block's outputs on those inputs, call
+    `after(view, outputs)` (e.g. to checkpoint) and put the block back where it was. `changes`: whether
+    `fn` changes the block (default: when there is an `fn`), so that a lazy model keeps the changes.
+    `inputs` is updated in place and returned (the last block's outputs).
     Blocks before `start` must already have been visited (the caller passes their output).
     `desc` shows a progress bar with that label.
     """
+    from ..io.lazy import loaded_block
     from ..progress import progress
 
     ad = get_adapter(model)
     stop = ad.num_layers if stop is None else stop
+    write = fn is not None if changes is None else changes
     for i in progress(range(start, stop), desc, unit="block"):
         view = ad.block_view(i)
-        home = _module_device(view.module)
-        view.module.to(inputs.device)
-        try:
+        with loaded_block(model, view.module, inputs.device, write=write):
             if fn is not None:
                 fn(view, inputs)
             if propagate:
                 inputs.hidden = inputs.forward(view.module)
             if after is not None:
                 after(view, inputs)
-        finally:
-            view.module.to(home)
         log.debug("block %d done", i)
     return inputs
-
-
-def _module_device(m: nn.Module) -> torch.device:
-    for p in m.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 @torch.no_grad()

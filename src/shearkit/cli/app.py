@@ -43,6 +43,10 @@ OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace an existing run
 RECIPE_OPT = typer.Option(None, "--recipe", help="YAML recipe; flags override its values.")
 SET_OPT = typer.Option(None, "--set", help="Override a recipe value: section.key=value (repeatable).")
 TRUST_OPT = typer.Option(False, "--trust-remote-code", help="Allow model code from the model directory.")
+LAZY_OPT = typer.Option(False, "--lazy", help="Keep the decoder blocks on disk and load one at a time (models larger "
+                        "than memory: magnitude, wanda, sparsegpt, besa, shortgpt; evaluation and saving).")
+MAX_MEMORY_OPT = typer.Option(None, "--max-memory", help="Memory the weights may take, e.g. 8GB: a larger model is "
+                              "loaded block by block (--lazy); one that cannot fit even so is refused.")
 
 
 def check_resume_flags(resume: bool, overwrite: bool, out: Optional[str]) -> None:
@@ -70,11 +74,12 @@ def pick_model(model: Optional[str], model_opt: Optional[str], required: bool = 
 
 
 def model_section(m: Optional[str], device: str, dtype: str, cache_dir: Optional[str],
-                  trust_remote_code: bool) -> dict:
+                  trust_remote_code: bool, lazy: bool = False, max_memory: Optional[str] = None) -> dict:
     """The recipe's `model` section from the shared options; "auto" and unset flags stay None so the
     recipe's own values (or the defaults) apply."""
     return {"name": m, "device": device if device != "auto" else None, "dtype": dtype if dtype != "auto" else None,
-            "cache_dir": cache_dir, "trust_remote_code": trust_remote_code or None}
+            "cache_dir": cache_dir, "trust_remote_code": trust_remote_code or None, "lazy": lazy or None,
+            "max_memory": max_memory}
 
 
 def print_table(title: str, columns: list[str], rows: list[list]) -> None:

@@ -6,8 +6,8 @@ from typing import List, Optional
 
 import typer
 
-from .app import (CACHE_OPT, DATA_OPT, DEVICE_OPT, DTYPE_OPT, MODEL_ARG, MODEL_OPT, OUT_OPT, OVERWRITE_OPT,
-                  RECIPE_OPT, SET_OPT, TRUST_OPT, app, model_section, pick_model, print_table)
+from .app import (CACHE_OPT, DATA_OPT, DEVICE_OPT, DTYPE_OPT, LAZY_OPT, MAX_MEMORY_OPT, MODEL_ARG, MODEL_OPT, OUT_OPT,
+                  OVERWRITE_OPT, RECIPE_OPT, SET_OPT, TRUST_OPT, app, model_section, pick_model, print_table)
 
 
 def metric_rows(results: dict[str, dict]) -> list[list]:
@@ -38,6 +38,7 @@ def eval_cmd(
     device: str = DEVICE_OPT, dtype: str = DTYPE_OPT, cache_dir: Optional[str] = CACHE_OPT,
     data_dir: Optional[str] = DATA_OPT, out: Optional[str] = OUT_OPT, overwrite: bool = OVERWRITE_OPT,
     recipe: Optional[str] = RECIPE_OPT, set_: Optional[List[str]] = SET_OPT, trust_remote_code: bool = TRUST_OPT,
+    lazy: bool = LAZY_OPT, max_memory: Optional[str] = MAX_MEMORY_OPT,
 ) -> None:
     """Evaluate a model: perplexity (WikiText-2, PTB) and zero-shot tasks.
 
@@ -47,7 +48,7 @@ def eval_cmd(
 
     m = pick_model(model, model_opt, required=recipe is None)
     r = load_recipe(recipe, set_, extra={
-        "model": model_section(m, device, dtype, cache_dir, trust_remote_code),
+        "model": model_section(m, device, dtype, cache_dir, trust_remote_code, lazy, max_memory),
         "eval": {"tasks": tasks, "seqlen": seqlen, "limit": limit, "batch_size": batch_size, "split": split,
                  "data_dir": data_dir}})
     results = run_eval(r, out, overwrite)
@@ -69,8 +70,7 @@ def run_eval(r, out: Optional[str], overwrite: bool) -> dict:
         run.write_recipe(r)
         mc, ec = r.model, r.eval
         run.log(f"loading {mc.name}")
-        model, tok = api.load(mc.name, device=mc.device, dtype=mc.dtype, cache_dir=mc.cache_dir,
-                              trust_remote_code=mc.trust_remote_code)
+        model, tok = api.load(mc.name, **mc.load_options())
         run.write_env(str(next(model.parameters()).device), r.seeds())
         results = api.evaluate(model, tok, ec.tasks, seqlen=ec.seqlen, limit=ec.limit, batch_size=ec.batch_size,
                                split=ec.split, data_dir=ec.data_dir)

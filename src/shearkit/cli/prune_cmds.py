@@ -6,8 +6,8 @@ from typing import List, Optional
 
 import typer
 
-from .app import (CACHE_OPT, DATA_OPT, DEVICE_OPT, DTYPE_OPT, MODEL_ARG, MODEL_OPT, OUT_OPT, OVERWRITE_OPT,
-                  RECIPE_OPT, SET_OPT, TRUST_OPT, app, check_resume_flags, model_section, pick_model, print_table)
+from .app import (CACHE_OPT, DATA_OPT, DEVICE_OPT, DTYPE_OPT, LAZY_OPT, MAX_MEMORY_OPT, MODEL_ARG, MODEL_OPT, OUT_OPT,
+                  OVERWRITE_OPT, RECIPE_OPT, SET_OPT, TRUST_OPT, app, check_resume_flags, model_section, pick_model, print_table)
 from .core import metric_rows
 
 plan_app = typer.Typer(help="Inspect pruning plans.", no_args_is_help=True)
@@ -48,6 +48,7 @@ def prune_cmd(
     device: str = DEVICE_OPT, dtype: str = DTYPE_OPT, cache_dir: Optional[str] = CACHE_OPT,
     data_dir: Optional[str] = DATA_OPT, out: Optional[str] = OUT_OPT, overwrite: bool = OVERWRITE_OPT,
     recipe: Optional[str] = RECIPE_OPT, set_: Optional[List[str]] = SET_OPT, trust_remote_code: bool = TRUST_OPT,
+    lazy: bool = LAZY_OPT, max_memory: Optional[str] = MAX_MEMORY_OPT,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out with the same options: "
                                 "every stage (blockwise loop, gradient pass, training, recovery) goes on from its "
                                 "newest checkpoint, to the result of an uninterrupted run."),
@@ -70,7 +71,7 @@ def prune_cmd(
     prune_sec = {"method": method, "ratio": r_val, "blocks": blocks, "nm": nm, "seed": seed, "allocation": allocation,
                  "round_to": round_to}
     extra = {
-        "model": model_section(m, device, dtype, cache_dir, trust_remote_code),
+        "model": model_section(m, device, dtype, cache_dir, trust_remote_code, lazy, max_memory),
         "calib": {"dataset": calib, "samples": calib_samples, "seqlen": calib_seqlen, "seed": seed,
                   "data_dir": data_dir},
         "prune": prune_sec,
@@ -121,10 +122,8 @@ def run_cmd(
     check_resume_flags(resume, overwrite, out)
     result = _run(r, out, overwrite, dry_run, "run", as_json, resume)
     if not dry_run:
-        try:
-            from ..report import write_report
-        except ModuleNotFoundError:
-            return
+        from ..report import write_report
+
         paths = write_report(result["run_dir"])
         typer.echo(f"report: {paths}", err=True)
 

@@ -96,7 +96,7 @@ def block_influence(model: nn.Module, tokens: torch.Tensor, *, batch_size: int =
             checkpoint.maybe_save(len(sums), total_blocks, {"sums": sums},
                                   {f"hidden.{b}": h for b, h in enumerate(out.hidden)})
 
-    walk_blocks(m, inputs, keep_input, start=len(sums), after=compare, desc="block influence")
+    walk_blocks(m, inputs, keep_input, start=len(sums), after=compare, desc="block influence", changes=False)
     n = inputs.num_tokens
     return [1.0 - s / n for s in sums]
 

@@ -26,6 +26,7 @@ from ..errors import ShearkitError
 from ..arch.modules import unwrap
 from ..plan import Plan, fingerprint
 from .atomic import atomic_dir, write_json, write_text
+from .lazy import is_lazy, save_weights
 from .modeling import LAYER_SHAPES_KEY, SHARED_BLOCKS_KEY, needs_modeling_file, transformers_class
 
 REMOTE_FILE = "modeling_shearkit.py"
@@ -63,7 +64,13 @@ def save(model, tokenizer, path: str | os.PathLike, plan: Plan | None = None, me
     export = sync_config(m)
     base_name = _base_class(m).__name__
     with atomic_dir(target, overwrite=overwrite) as tmp:
-        m.save_pretrained(tmp)
+        if is_lazy(m):  # blocks on disk: streamed into shards one block at a time
+            m.config.save_pretrained(tmp)
+            if getattr(m, "generation_config", None) is not None:
+                m.generation_config.save_pretrained(tmp)
+            save_weights(m, tmp)
+        else:
+            m.save_pretrained(tmp)
         if list(tmp.glob("*.bin")):
             raise ShearkitError("transformers wrote pickled .bin weights; shearkit saves safetensors only.")
         cfg_path = tmp / "config.json"

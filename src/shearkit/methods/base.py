@@ -92,6 +92,7 @@ class PruneMethod:
     needs_calibration: ClassVar[bool] = True
     needs_grad: ClassVar[bool] = False
     in_place: ClassVar[bool] = False  # run() prunes the model itself (else shearkit.prune applies the plan)
+    lazy_ok: ClassVar[bool] = False  # runs on a model whose blocks stay on disk (`io.lazy`): one block at a time
     # options for a quick run on a tiny model (the method x family test matrix uses them; a method
     # that trains states a budget of a few steps here, and `data_dir` when it reads training data)
     smoke_options: ClassVar[dict[str, Any]] = {}

@@ -43,6 +43,7 @@ from ..calibration.blockwise import (
 )
 from ..calibration.stats import InputStats, collect_input_stats
 from ..errors import ShearkitError
+from ..io.lazy import is_lazy, loaded_block
 from ..io.stage_state import (
     load_tensors,
     read_state,
@@ -101,6 +102,7 @@ class BlockwiseSparsifier(PruneMethod):
     """Base of the in-place unstructured methods (see the module docstring for the lifecycle)."""
 
     in_place: ClassVar[bool] = True
+    lazy_ok: ClassVar[bool] = True
     config_cls: ClassVar[type] = SparsityConfig
     stats_kind: ClassVar[str | None] = "norm"  # "norm" | "hessian" | None
     updates_weights: ClassVar[bool] = False  # True when kept weights change too (SparseGPT)
@@ -140,6 +142,7 @@ class BlockwiseSparsifier(PruneMethod):
             log.info("%s: resuming after %d checkpointed blocks from %s", self.name, len(done), root)
         pending: list[int] = []
         num_blocks = get_adapter(model).num_layers
+        lazy = is_lazy(model)
 
         def record(view: BlockView, keeps: dict[str, torch.Tensor]) -> None:
             nonlocal zeros, total
@@ -162,7 +165,8 @@ class BlockwiseSparsifier(PruneMethod):
                 pending.append(view.index)
             record(view, keeps)
             last = view.index == num_blocks - 1
-            if root is not None and cfg.save_every and pending and (len(pending) >= cfg.save_every or last):
+            every = 1 if lazy else cfg.save_every  # a lazy model holds only this block in memory
+            if root is not None and cfg.save_every and pending and (len(pending) >= every or last):
                 self.save_blocks(root, model, pending, masks, done, identity)
 
         training = model.training
@@ -176,12 +180,8 @@ class BlockwiseSparsifier(PruneMethod):
             else:
                 dev = resolve_compute_device(model, cfg.device)
                 for view in progress(get_adapter(model).blocks(), f"{self.name} blocks", unit="block"):
-                    home = next(view.module.parameters()).device
-                    view.module.to(dev)
-                    try:
+                    with loaded_block(model, view.module, dev, write=True):
                         visit(view, None)
-                    finally:
-                        view.module.to(home)
         finally:
             model.train(training)
         plan = Plan(method=self.name, kind="unstructured", ratio_target=cfg.ratio,

@@ -33,4 +33,5 @@ class ShortGPT(BlockMethod):
 
     name = "shortgpt"
     config_cls = BlockConfig
+    lazy_ok = True  # scores one block at a time and removes whole blocks: no weight is changed
     needs_calibration = True

@@ -19,6 +19,9 @@ def load(
     dtype: str = "auto",
     cache_dir: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
+    lazy: bool = False,
+    max_memory: str | int | None = None,
+    work_dir: str | os.PathLike | None = None,
 ) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer.
 
@@ -29,6 +32,11 @@ def load(
         dtype: `auto` (float32 on CPU, bfloat16 on CUDA), `float32`, `bfloat16` or `float16`.
         cache_dir: where built-in models are cached (default $SHEARKIT_CACHE or ~/.cache/shearkit).
         trust_remote_code: passed to transformers; off unless asked for.
+        lazy: keep the decoder blocks in their safetensors files and load one at a time when used
+            (`io.lazy`: for models larger than memory; a model directory or a built-in).
+        max_memory: memory the weights may take (bytes, or "8GB", "500MiB"): a model that fits is loaded
+            whole, a larger one lazily; one whose stem and largest block do not fit is refused.
+        work_dir: where a lazy model keeps the blocks it changes (default: a temporary folder).
 
     Returns:
         `(model, tokenizer)` with the model in eval mode on the chosen device.
@@ -37,6 +45,21 @@ def load(
     torch_dtype = resolve_dtype(dtype, dev)
     name = str(name_or_path)
     path = Path(name).expanduser()
+    if lazy or max_memory is not None:
+        source = builtin_path(name, cache_dir) if name in BUILTINS else path
+        if not source.is_dir():
+            raise ShearkitError(f"{name} is not a model directory or a built-in name; --lazy and --max-memory load "
+                                "safetensors model directories (save a GGUF or hub model with shearkit first).")
+        from ..io.lazy import load_lazy, needs_lazy
+
+        if lazy or needs_lazy(source, torch_dtype, max_memory):
+            model = load_lazy(source, device=dev, dtype=torch_dtype, work_dir=work_dir)
+            if name in BUILTINS:
+                model.config.name_or_path = name
+            tok = _load_tokenizer(source, trust_remote_code)
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            return model, tok
     if name in BUILTINS:
         cached = builtin_path(name, cache_dir)
         try:
@@ -70,7 +93,7 @@ def load(
 
 def _load_dir(path: Path, torch_dtype, trust_remote_code: bool):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from ..io.modeling import load_shearkit_model, needs_modeling_file
     from ..io.sparse_export import is_compressed, load_compressed_model
@@ -94,13 +117,18 @@ def _load_dir(path: Path, torch_dtype, trust_remote_code: bool):
     except Exception as e:  # noqa: BLE001 - transformers raises many types (strict config checks, sizes, names)
         raise ShearkitError(f"Cannot build the model of {path} from its config.json ({_brief(e)}). Fix that "
                             "value, or re-save or re-download the model.") from e  # the cause kept for a bug of ours
+    return model, _load_tokenizer(path, trust_remote_code)
+
+
+def _load_tokenizer(path: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - missing files, or a config.json (read again here) it cannot take
         raise ShearkitError(f"transformers cannot load the tokenizer of {path} ({_brief(e)}); check its config.json "
                             "and tokenizer files, or save the model's tokenizer beside it "
                             "(tokenizer.save_pretrained).") from None
-    return model, tok
 
 
 def _brief(e: BaseException, limit: int = 1000) -> str:

@@ -64,9 +64,23 @@ class PackedMasks(Mapping):
 def masks_from_model(model, plan) -> PackedMasks:
     """The keep-masks (weight != 0) of every layer a plan sparsified, by full module name."""
     out = PackedMasks()
-    for ref in plan_linears(model, plan):
+    for ref in each_plan_linear(model, plan):
         out.add(ref.name, ref.weight.detach() != 0)
     return out
+
+
+def each_plan_linear(model, plan) -> Iterator[LinearRef]:
+    """`plan_linears` one block at a time, each block in memory while its layers are looked at (a lazy
+    model's read from disk), so that reading every pruned weight never holds more than one block."""
+    from ..io.lazy import loaded_block
+
+    refs = plan_linears(model, plan)  # every layer checked before any is read
+    ad = get_adapter(model)
+    for li in sorted({int(li) for li in plan.layers}):
+        block = ad.layers[li]
+        with loaded_block(model, block):
+            inside = {id(m) for m in block.modules()}
+            yield from (ref for ref in refs if id(ref.module) in inside)
 
 
 def plan_linears(model, plan) -> list[LinearRef]:
@@ -89,7 +103,7 @@ def plan_linears(model, plan) -> list[LinearRef]:
 def measured_sparsity(model, plan) -> float:
     """Fraction of exact zeros in the weights an unstructured plan sparsified, as the model is now."""
     zeros = total = 0
-    for ref in plan_linears(model, plan):
+    for ref in each_plan_linear(model, plan):
         zeros += int((ref.weight == 0).sum())
         total += ref.weight.numel()
     return zeros / max(total, 1)
@@ -108,7 +122,7 @@ def check_plan_zeros(model, plan) -> None:
                                 "it records: the model lost its sparsity (was it recovered without its masks?). "
                                 "Save it without the plan, or prune it again.")
         return
-    for ref in plan_linears(model, plan):
+    for ref in each_plan_linear(model, plan):
         keep = plan.masks.get(ref.name)
         if keep is None:
             continue

@@ -39,9 +39,26 @@ def rank_in_row(scores: torch.Tensor) -> torch.Tensor:
     return ranks.scatter_(1, order, ar)
 
 
+# rows ranked at once: the sort's int64 temporaries stay near this many elements, not a layer's worth
+# (a whole layer at once needs about five times its float32 size for a moment)
+CHUNK_ELEMENTS = 1 << 18
+
+
+def row_chunks(scores: torch.Tensor) -> list[tuple[int, int]]:
+    """(lo, hi) row ranges of about `CHUNK_ELEMENTS` entries each: per-row work done a chunk at a time."""
+    rows, cols = scores.shape
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
+
+
 def mask_from_counts(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Keep-mask that zeroes the `counts[r]` lowest-scoring entries of each row r."""
-    return rank_in_row(scores) >= counts.to(scores.device).view(-1, 1)
+    """Keep-mask that zeroes the `counts[r]` lowest-scoring entries of each row r (rows ranked a chunk at
+    a time: each row's ranks are its own, so the mask is the same)."""
+    counts = counts.to(scores.device).view(-1, 1)
+    keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    for lo, hi in row_chunks(scores):
+        keep[lo:hi] = rank_in_row(scores[lo:hi]) >= counts[lo:hi]
+    return keep
 
 
 def row_counts(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -56,7 +73,7 @@ def row_counts(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     base, extra = divmod(total, rows)
     counts = torch.full((rows,), base, dtype=torch.long, device=scores.device)
     if extra:
-        nxt = scores.sort(dim=1).values[:, base]
+        nxt = torch.cat([scores[lo:hi].sort(dim=1).values[:, base] for lo, hi in row_chunks(scores)])
         counts[nxt.argsort(stable=True)[:extra]] += 1
     return counts
 
