@@ -65,7 +65,7 @@ def test_lazy_model_gives_the_same_logits_with_blocks_left_on_disk(tmp_path, fam
 
 
 @pytest.mark.parametrize("family,method", [("llama", "wanda"), ("llama", "sparsegpt"), ("gpt2", "wanda"),
-                                           ("opt", "magnitude"), ("llama_tied", "sparsegpt"), ("llama", "shortgpt"),
+                                           ("opt", "magnitude"), ("llama_tied", "sparsegpt"), ("llama", "besa"), ("llama", "shortgpt"),
                                            ("gpt2", "shortgpt")])
 def test_pruning_block_by_block_equals_pruning_the_whole_model(tmp_path, family, method):
     d = saved(tmp_path, family)
@@ -170,6 +170,8 @@ def test_cli_prune_lazy_matches_the_whole_model_run_and_refuses_recovery(tmp_pat
     assert "lazy: true" in recipe
     r = runner.invoke(app, ["prune", *common, "--out", "rec", "--lazy", "--recover", "2"])
     assert isinstance(r.exception, ShearkitError) and "LoRA recovery needs the whole model" in str(r.exception)
+    r = runner.invoke(app, ["prune", *common, "--out", "gguf", "--lazy", "--save-format", "gguf"])
+    assert isinstance(r.exception, ShearkitError) and "save_format gguf needs the whole model" in str(r.exception)
 
 
 def test_peak_memory_is_about_one_block(tmp_path, tiny_tokenizer):
@@ -241,3 +243,59 @@ def test_folders_lazy_loading_cannot_take_are_refused(tmp_path, tiny_tokenizer):
         save_file({k: v for k, v in state.items() if k != drop}, str(bad / "model.safetensors"))
         with pytest.raises(ShearkitError, match=match):
             load_lazy(bad)
+
+
+def test_knowledge_distribution_and_block_scores_are_the_same_block_by_block(tmp_path):
+    """`shearkit analyze --lazy`: each trial's block in memory, masked and restored; ShortGPT's
+    perplexity-drop scores through whole-model forwards that load each block in turn."""
+    from shearkit.analysis import analyze
+
+    d = saved(tmp_path, "llama")
+    held = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
+    whole, lazy = make_tiny("llama"), load_lazy(d)
+    rec_w = analyze(whole, None, 0.25, heldout=held, progress=False)
+    rec_l = analyze(lazy, None, 0.25, heldout=held, progress=False)
+    assert rec_l["dense_ppl"] == rec_w["dense_ppl"]
+    assert [r["ppl"] for r in rec_l["nodes"]] == [r["ppl"] for r in rec_w["nodes"]]
+    assert rec_l["unprunable"] == rec_w["unprunable"] and rec_l["layer_ratios"] == rec_w["layer_ratios"]
+    assert block_is_on_disk(lazy)
+    assert torch.equal(lazy(input_ids=held).logits, whole(input_ids=held).logits)  # every trial undone
+    with pytest.raises(ShearkitError, match="The taylor proxy .* needs the whole model"):
+        analyze(lazy, None, 0.25, heldout=held, calib_windows=held, proxy="taylor", progress=False)
+    calib = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    p_w = shearkit.prune(make_tiny("llama"), None, "shortgpt", blocks=1, calib=calib, importance="ppl", ppl_samples=2)
+    p_l = shearkit.prune(load_lazy(d), None, "shortgpt", blocks=1, calib=calib, importance="ppl", ppl_samples=2)
+    assert p_l.extra == p_w.extra and p_l.layers == p_w.layers
+
+
+def test_zero_shot_of_a_lazy_model_equals_the_whole_model(tmp_path, tiny_tokenizer, monkeypatch):
+    from shearkit.eval import zeroshot as zs
+
+    from test_zeroshot import FILES
+
+    for rel, rows in FILES.items():
+        p = tmp_path / "tasks" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    for v in ("SHEARKIT_DATA", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(v, raising=False)
+    d = saved(tmp_path, "llama")
+    a = zs.zeroshot(make_tiny("llama"), tiny_tokenizer, "piqa,arc_easy", data_dir=tmp_path / "tasks")
+    b = zs.zeroshot(load_lazy(d), tiny_tokenizer, "piqa,arc_easy", data_dir=tmp_path / "tasks")
+    assert a == b
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_lazy_prune_resumes_from_its_block_checkpoints(tmp_path, method):
+    """The blockwise checkpoints of a lazy run are re-applied block by block on --resume (masks, and
+    SparseGPT's updated weights) to the same model."""
+    d = saved(tmp_path, "llama")
+    calib = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    run = tmp_path / "run"
+    first = load_lazy(d)
+    p1 = shearkit.prune(first, None, method, 0.5, calib=calib, run_dir=run)
+    again = load_lazy(d)
+    p2 = shearkit.prune(again, None, method, 0.5, calib=calib, run_dir=run, resume=True)
+    assert p2.layers == p1.layers and all(torch.equal(p1.masks[k], p2.masks[k]) for k in p1.masks)
+    ids = torch.randint(0, 300, (2, 24))
+    assert torch.equal(first(input_ids=ids).logits, again(input_ids=ids).logits)

@@ -57,7 +57,11 @@ def fingerprint_state(state) -> str:
 def base_fingerprint(model) -> str:
     """Fingerprint of the weights under the adapters, named as in the model before peft wrapped it
     (a checkpoint resumes only onto the same base weights)."""
+    from .io.lazy import lazy_weights
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if lazy_weights(base) is not None:  # never wrapped by peft: no adapters to leave out
+        return fingerprint(base)
     return fingerprint_state({k.replace(".base_layer", ""): v for k, v in base.state_dict().items()
                               if "lora_" not in k})
 

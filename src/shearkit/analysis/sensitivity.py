@@ -29,10 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..arch import get_adapter
 from ..arch.modules import unwrap
 from ..errors import ShearkitError
 from ..graph.groups import kv_groups, mlp_channels
 from ..graph.removal import layer_params_after
+from ..io.lazy import loaded_block, require_materialized
 from .masking import node_removal, zeroed
 from .targets import KINDS, allocate, block_params, most_sensitive, node_units
 
@@ -110,6 +112,8 @@ def analyze(model: nn.Module, tokenizer, ratio: float, *, trial_ratio: float = 0
         raise ShearkitError(f"windows and calib samples must be >= 1, seqlen >= 2 and round_to >= 1; got windows "
                             f"{windows}, calib samples {calib_samples}, seqlen {seqlen}, round_to {round_to}.")
     m = unwrap(model)
+    if proxy == "taylor":
+        require_materialized(m, "The taylor proxy (a gradient pass)")
     nodes = node_units(m, round_to)
     total = block_params(m)
     if heldout is not None:
@@ -146,10 +150,13 @@ def analyze(model: nn.Module, tokenizer, ratio: float, *, trial_ratio: float = 0
     t0 = time.perf_counter()
     try:
         dense = heldout_ppl(model, held)
+        layers = get_adapter(m).layers
         for node in bar(nodes[len(records):], "sensitivity trials" if progress else None, unit="trial"):
-            entry = trial_entry(m, node.layer, node.kind, trial_ratio, proxy, stats)
-            with zeroed(m, node_removal(m, node.layer, entry)):
-                ppl = heldout_ppl(model, held)
+            # the trial's block in memory (a lazy model's read from disk; the others load per forward)
+            with loaded_block(m, layers[node.layer]):
+                entry = trial_entry(m, node.layer, node.kind, trial_ratio, proxy, stats)
+                with zeroed(m, node_removal(m, node.layer, entry)):
+                    ppl = heldout_ppl(model, held)
             zeroed_units = len(next(iter(entry.values())))
             records.append({"layer": node.layer, "kind": node.kind, "units": node.full, "zeroed": zeroed_units,
                             "ppl": ppl, "deviation": ppl - dense, "relative_deviation": ppl / dense - 1.0,

@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from .app import CACHE_OPT, DATA_OPT, DEVICE_OPT, DTYPE_OPT, MODEL_ARG, MODEL_OPT, TRUST_OPT, app, pick_model, print_table
+from .app import (CACHE_OPT, DATA_OPT, DEVICE_OPT, DTYPE_OPT, LAZY_OPT, MAX_MEMORY_OPT, MODEL_ARG, MODEL_OPT, TRUST_OPT,
+                  app, pick_model, print_table)
 
 
 @app.command("graph")
@@ -65,6 +66,7 @@ def analyze_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the sensitivity record as JSON."),
     device: str = DEVICE_OPT, dtype: str = DTYPE_OPT, cache_dir: Optional[str] = CACHE_OPT,
     data_dir: Optional[str] = DATA_OPT, trust_remote_code: bool = TRUST_OPT,
+    lazy: bool = LAZY_OPT, max_memory: Optional[str] = MAX_MEMORY_OPT,
 ) -> None:
     """Knowledge distribution: prune each layer's attention and MLP alone at a trial ratio, measure the
     held-out perplexity deviation, keep the most sensitive whole and write per-structure targets.
@@ -84,7 +86,8 @@ def analyze_cmd(
         raise ShearkitError(f"--tokens ({tokens}) must hold at least one window of --seqlen ({seqlen} >= 2) tokens.")
     if Path(out).suffix != ".json":
         raise ShearkitError(f"--out is the sensitivity file, a .json path; got '{out}'.")
-    mdl, tok = api.load(m, device=device, dtype=dtype, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+    mdl, tok = api.load(m, device=device, dtype=dtype, cache_dir=cache_dir, trust_remote_code=trust_remote_code,
+                        lazy=lazy, max_memory=max_memory)
     rec = analyze(mdl, tok, ratio, trial_ratio=trial_ratio, proxy=proxy,
                   gamma=DEFAULT_GAMMA if gamma is None else gamma, windows=tokens // seqlen, seqlen=seqlen,
                   dataset=data, calib=calib, calib_samples=calib_samples, round_to=round_to, seed=seed,
