@@ -87,11 +87,18 @@ BLOCK_CELLS: dict[str, tuple[str, float, dict, bool]] = {
     "flexigpt-b9-no-norm": ("flexigpt", 9, {"output_norm": False}, False),
     "flexigpt-b9-lora-init": ("flexigpt", 9, {"init": "lora"}, False),
 }
-SUITES = {"width": CELLS, "blocks": BLOCK_CELLS}
+# FlexiGPT's extension (4.4) against the original at the same budget: the original fine-tuned with LoRA on
+# c4, and the original grown by 6 weight-shared copies of its middle blocks 12..17 whose adapters and norm
+# scales train on c4; ratio = blocks added
+EXTEND_CELLS: dict[str, tuple[str, float, dict, bool]] = {
+    "original-lora": ("lora", 0, {}, True),
+    "extend-k6": ("extend", 6, {"pattern": "block", "start": 12, "end": 17}, True),
+}
+SUITES = {"width": CELLS, "blocks": BLOCK_CELLS, "extend": EXTEND_CELLS}
 
 
 def suite_of(cell: str) -> str:
-    return "blocks" if cell in BLOCK_CELLS else "width"
+    return next((name for name, cells in SUITES.items() if cell in cells), "width")
 
 
 def spec(cell: str) -> tuple[str, float, dict, bool]:
@@ -99,7 +106,19 @@ def spec(cell: str) -> tuple[str, float, dict, bool]:
 
 
 def protocol(cell: str) -> dict:
-    return BLOCK_PROTOCOL if suite_of(cell) == "blocks" else PROTOCOL
+    return PROTOCOL if suite_of(cell) == "width" else BLOCK_PROTOCOL
+
+
+def extend_recipe(cell: str) -> dict:
+    """An extension-suite cell's recipe: LoRA on the original, or the extension trained, both on `c4`."""
+    method, blocks, opts, _ = EXTEND_CELLS[cell]
+    r: dict = {"model": {"name": PROTOCOL["model"], "device": "cpu", "dtype": "float32"}, "eval": EVAL,
+               "eval_dense": False}
+    if method == "lora":
+        r["recover"] = dict(TRAIN_C4)
+    else:  # the copies' adapters and norm scales, at FlexiGPT's learning rate
+        r["extend"] = {"add_blocks": int(blocks), **opts, "train": {**TRAIN_C4, "lr": 1.0e-3, "save_every": SAVE_EVERY}}
+    return r
 
 
 SAVE_EVERY = 16  # training steps between a cell's checkpoints
@@ -130,6 +149,8 @@ def recipe(cell: str) -> dict:
     """The run's recipe: the protocol above, one method."""
     if suite_of(cell) == "blocks":
         return resumable(block_recipe(cell))
+    if suite_of(cell) == "extend":
+        return resumable(extend_recipe(cell))
     method, ratio, opts, _ = CELLS[cell]
     r: dict = {"model": {"name": PROTOCOL["model"], "device": "cpu", "dtype": "float32"}, "eval": EVAL,
                "eval_dense": False}
@@ -167,6 +188,8 @@ def run_cell(cell: str, budget_s: int, fresh: bool = False) -> dict:
     if suite_of(cell) == "blocks":
         row["blocks"] = int(ratio)  # ShortGPT / FlexiGPT: K of the model's 30 blocks (the paper's "30%" = 9)
         row["ratio"] = recipe(cell)["prune"].get("ratio", round(ratio / 30, 4))
+    if suite_of(cell) == "extend":
+        row["blocks_added"] = int(ratio)
     t0 = time.perf_counter()
     if method == "dense":
         cmd = ["eval", PROTOCOL["model"], "--tasks", ",".join(EVAL["tasks"]), "--seqlen", str(EVAL["seqlen"]),
@@ -178,6 +201,8 @@ def run_cell(cell: str, budget_s: int, fresh: bool = False) -> dict:
         resume = marker is not None and marker.get("status") != "complete" and not fresh
         row["resumed"] = resume
         cmd = ["run", str(rec), "--out", str(out / "run"), "--resume" if resume else "--overwrite"]
+        if method == "extend":
+            cmd = ["extend", "--recipe", str(rec), "--out", str(out / "run"), "--resume" if resume else "--overwrite"]
     err = run_shearkit(cmd, budget_s)
     row["wall_s"] = time.perf_counter() - t0
     if err is not None:
@@ -212,6 +237,10 @@ def read_run(run: Path, row: dict) -> dict:
             stages = [extra["lhspg"]["train"], extra["recovery"]["train"]]
             row.update(train_tokens=sum(t["budget"]["tokens"] for t in stages), train_loss_last=stages[1]["loss_last"],
                        unprunable=extra.get("unprunable"), recovery_rounds=extra["recovery"]["rounds"])
+    if "extend" in m:  # the extension: blocks added and their training
+        e = m["extend"]
+        row.update(blocks_after=e["blocks_after"], train_tokens=e["train"]["budget"]["tokens"],
+                   train_loss_last=e["train"]["loss_last"], recover_s=e["train"].get("time_s"))
     if "params" in m:
         row["params"] = m["params"]
     return row
@@ -266,9 +295,10 @@ def main() -> None:
     a = ap.parse_args()
     suite = SUITES[a.suite]
     cells = [c.strip() for c in (a.cells or ",".join(suite)).split(",") if c.strip()]
-    unknown = [c for c in cells if c not in CELLS and c not in BLOCK_CELLS]
+    known = [c for cells_ in SUITES.values() for c in cells_]
+    unknown = [c for c in cells if c not in known]
     if unknown:
-        raise SystemExit(f"unknown cell(s) {', '.join(unknown)}; cells: {', '.join([*CELLS, *BLOCK_CELLS])}")
+        raise SystemExit(f"unknown cell(s) {', '.join(unknown)}; cells: {', '.join(known)}")
     for i, cell in enumerate(cells, 1):
         row = RESULTS.load().get(cell)
         done = row is not None and row.get("status") == "ok"

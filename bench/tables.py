@@ -21,6 +21,7 @@ tests/test_bench_tables.py, fails). The grid table has its own markers and gener
     train_memory.json           bench/bench_train_memory.py
     train_throughput.json       bench/bench_train_throughput.py
     speculative.json            bench/bench_speculative.py
+    memory_scale.json           bench/bench_memory_scale.py
 """
 from __future__ import annotations
 
@@ -320,6 +321,38 @@ def importance_memory(results: Path) -> list[str]:
     return out
 
 
+def memory_scale(results: Path) -> list[str]:
+    """Peak anonymous RSS against model size: Wanda whole vs block by block, LLM-Pruner's scoring before vs after."""
+    d = _load("memory_scale.json", results)
+    rows = d["rows"]
+    sizes = sorted({r["size"] for r in rows.values()}, key=lambda s: next(r["model_bytes"] for r in rows.values()
+                                                                           if r["size"] == s))
+    modes = ("wanda whole", "wanda lazy", "wanda max-memory", "llm-pruner as published", "llm-pruner lean")
+    out = ["| model | layers × hidden | size S (float32) | one block | Wanda, whole model | Wanda, block by block "
+           "(--lazy) | lazy / S | Wanda, --max-memory S/2 | LLM-Pruner scoring, as published | LLM-Pruner scoring, "
+           "lean |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in sizes:
+        by = {r["mode"]: r for r in rows.values() if r["size"] == s}
+        any_ = next(iter(by.values()))
+        c = any_["config"]
+        cell = {m: _mib(by[m]["anon_peak_bytes"]) if m in by else "—" for m in modes}
+        if "wanda lazy" in by and by["wanda lazy"].get("same_tensors_as_whole") is not None:
+            cell["wanda lazy"] += "" if by["wanda lazy"]["same_tensors_as_whole"] else " (tensors differ!)"
+        if "wanda max-memory" in by:
+            mm = by["wanda max-memory"]
+            cell["wanda max-memory"] += f" ({'lazy' if mm.get('lazy') else 'whole'})"
+        ratio = f"{by['wanda lazy']['anon_peak_bytes'] / any_['model_bytes']:.3f}" if "wanda lazy" in by else "—"
+        out.append(f"| {s} | {c['layers']} × {c['hidden']} | {_mib(any_['model_bytes'])} | {_mib(any_['block_bytes'])} | "
+                   + " | ".join([cell["wanda whole"], cell["wanda lazy"], ratio, cell["wanda max-memory"],
+                                 cell["llm-pruner as published"], cell["llm-pruner lean"]]) + " |")
+    c = d["calib"]
+    out += ["", f"Peak anonymous RSS above the interpreter with its libraries imported, each run in a fresh child "
+            f"process; random Llama models (vocabulary 32,000, tied embeddings), {c['windows']} calibration windows of "
+            f"{c['seqlen']} random tokens; Wanda runs load, prune 50% and save; measured {d['date']} ({d['machine']}) "
+            f"with `{d['command']}`. Plot: `bench/results/memory_scale.png`."]
+    return out
+
+
 def train_memory(results: Path) -> list[str]:
     """Peak memory and step time of LoRA training, as published against checkpointing and the chunked head."""
     d = _load("train_memory.json", results)
@@ -404,7 +437,7 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "structured-quality": structured_quality, "structured-speed": structured_speed, "llmc": llmc,
     "zeroshot": zeroshot, "training": training, "training-zeroshot": training_zeroshot,
     "blocks-training": blocks_training,
-    "importance-memory": importance_memory, "train-memory": train_memory, "train-throughput": train_throughput, "speculative": speculative,
+    "importance-memory": importance_memory, "memory-scale": memory_scale, "train-memory": train_memory, "train-throughput": train_throughput, "speculative": speculative,
     "llama-cpp": llama_cpp,
 }
 
