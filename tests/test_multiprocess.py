@@ -281,3 +281,40 @@ def test_training_shared_parts_restores_flags_when_a_wrapper_adds_parameters():
     assert model.flat.requires_grad
     del model.flat
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+
+
+def test_the_cli_under_accelerate_launch_matches_one_process(tmp_path, files, tiny_tokenizer):
+    """`accelerate launch -m shearkit.cli prune ... --method loraprune` with 2 processes × 2 sequences: the
+    main process alone writes the run directory (no lock refusal in the second), and the saved model and
+    losses equal one process × 4 sequences."""
+    from conftest import make_tiny
+
+    tok, text = files
+    base = tmp_path / "base"
+    make_tiny("llama").save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    common = ["prune", str(base), "--method", "loraprune", "--ratio", "0.3", "--tasks", str(text), "--eval-seqlen",
+              "16", "--limit", "2", "--no-dense-eval", "--set", "prune.train.data=" + str(text),
+              "--set", "prune.train.steps=4", "--set", "prune.train.seqlen=32", "--set", "prune.dropout=0",
+              "--set", "prune.train.grad_accum=1"]
+    one_ = subprocess.run([sys.executable, "-m", "shearkit.cli", *common, "--set", "prune.train.batch_size=4",
+                           "--out", str(tmp_path / "one")], env=_env(), timeout=300, capture_output=True, text=True)
+    assert one_.returncode == 0, one_.stderr[-3000:]
+    cmd = [str(ACCELERATE), "launch", "--config_file", str(CONFIGS / "ddp.yaml"), "--num_processes", "2",
+           "--main_process_port", _port(), "-m", "shearkit.cli", *common, "--set", "prune.train.batch_size=2",
+           "--out", str(tmp_path / "two")]
+    two_ = subprocess.run(cmd, env=_env(), timeout=300, capture_output=True, text=True)
+    assert two_.returncode == 0, two_.stderr[-3000:]
+    assert "being written by another shearkit process" not in two_.stderr
+    import json
+
+    from safetensors.torch import load_file
+
+    marker = json.loads((tmp_path / "two" / ".shearkit-run").read_text())
+    assert marker["status"] == "complete"
+    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert m1["prune"]["ratio_achieved"] == m2["prune"]["ratio_achieved"]
+    w1 = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
+    assert w1.keys() == w2.keys() and all(w1[k].shape == w2[k].shape for k in w1)
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4) for k in w1)

@@ -50,8 +50,10 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
         run.write_recipe(recipe)
         mc, ec = recipe.model, recipe.eval
         step(f"loading {mc.name}")
-        lazy_dir = run.path / "lazy-blocks"  # a lazy model's pruned blocks until the model is saved
-        shutil.rmtree(lazy_dir, ignore_errors=True)  # an interrupted run's: its blocks are redone or re-applied
+        # a lazy model's pruned blocks until the model is saved (another process's: a temporary folder)
+        lazy_dir = run.path / "lazy-blocks" if run.writer else None
+        if lazy_dir is not None:
+            shutil.rmtree(lazy_dir, ignore_errors=True)  # an interrupted run's: its blocks are redone or re-applied
         model, tok = api.load(mc.name, **mc.load_options(), work_dir=lazy_dir)
         if is_lazy(model):  # what needs every weight at once is refused before the long part of the run
             if rcfg is not None and getattr(rcfg, "steps", 0) > 0:
@@ -89,7 +91,8 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
                                 "ratio_achieved": plan.ratio_achieved, "wall_s": time.perf_counter() - t0,
                                 "peak_memory_bytes": pm.peak, "peak_memory_kind": "cuda_max_allocated"
                                 if device.type == "cuda" else "process_rss"}
-            plan.save(run.path / "plan.json")  # an unstructured plan's masks go beside it
+            if run.writer:
+                plan.save(run.path / "plan.json")  # an unstructured plan's masks go beside it
             run.log(f"plan: ratio achieved {plan.ratio_achieved:.4f}")
             if dry_run:
                 run.write_metrics(metrics)
@@ -113,10 +116,10 @@ def run_pipeline(recipe: Recipe, *, out: str | None = None, overwrite: bool = Fa
         step("evaluating and saving")
         metrics["tasks"] = evaluate(model)
         metrics["params"] = get_adapter(model).param_counts()
-        if save_format != "none":
+        if save_format != "none" and run.writer:
             _save_model(model, tok, run, plan, metrics, save_format, overwrite=resume)
         run.write_metrics(metrics)
-        if is_lazy(model):
+        if is_lazy(model) and lazy_dir is not None:
             shutil.rmtree(lazy_dir, ignore_errors=True)  # saved in the run's model folder now
         echo(f"run directory: {run.path}")
         return {**metrics, "run_dir": str(run.path)}

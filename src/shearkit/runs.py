@@ -216,8 +216,20 @@ def check_same_recipe(path: str | os.PathLike, recipe) -> None:
                         "new run (another --out, or --overwrite).")
 
 
+def process_rank() -> int:
+    """This process's rank under a launcher (`accelerate launch` and torchrun set RANK), 0 otherwise."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 class RunDir:
     """A run directory being written; use it as a context manager so the marker records how the run ended.
+
+    Under a launcher with several processes only the main process (rank 0) writes it: the others get a
+    follower (`writer` False) that neither locks, clears nor writes anything, so that the same command
+    runs in every process (the Trainer's checkpoints and logs are the main process's too).
 
     Args:
         path: the directory (default `runs/<command>-<timestamp>`).
@@ -235,6 +247,10 @@ class RunDir:
         self.command = command
         self._lock_key: tuple[int, int] | None = None
         self._handler: logging.Handler | None = None
+        self.logger = logging.getLogger("shearkit")
+        self.writer = process_rank() == 0
+        if not self.writer:
+            return
         if self.path.exists() and not self.path.is_dir():
             raise ShearkitError(f"{self.path} is a file, not a run directory; choose another --out.")
         try:
@@ -362,6 +378,8 @@ class RunDir:
                 e.unlink()
 
     def _mark(self, status: str) -> None:
+        if not self.writer:
+            return
         write_json(self.path / MARKER, {"shearkit_run": 1, "command": self.command, "status": status,
                                         "pid": os.getpid(), "host": socket.gethostname(),
                                         "created": self._created, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -383,13 +401,16 @@ class RunDir:
         self.logger.info(msg)
 
     def write_recipe(self, recipe) -> None:
-        write_text(self.path / "recipe.yaml", recipe.to_yaml())
+        if self.writer:
+            write_text(self.path / "recipe.yaml", recipe.to_yaml())
 
     def write_env(self, device: str | None = None, seed: int | dict[str, int] | None = None) -> None:
-        write_json(self.path / "env.json", environment(device, seed))
+        if self.writer:
+            write_json(self.path / "env.json", environment(device, seed))
 
     def write_metrics(self, metrics: dict) -> None:
-        write_json(self.path / "metrics.json", metrics)
+        if self.writer:
+            write_json(self.path / "metrics.json", metrics)
 
     def read_metrics(self) -> dict:
         p = self.path / "metrics.json"

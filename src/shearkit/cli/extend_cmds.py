@@ -105,7 +105,8 @@ def run_extend(r, out: Optional[str], overwrite: bool, resume: bool = False, dat
         run.log("evaluating and saving the extended model")
         metrics["tasks"] = evaluate(model)
         metrics["params"] = metrics["extend"]["params_after"]
-        save(model, tok, run.path / "model", metrics=metrics, overwrite=resume)
+        if run.writer:  # under a launcher the main process saves
+            save(model, tok, run.path / "model", metrics=metrics, overwrite=resume)
         run.write_metrics(metrics)
         typer.echo(f"run directory: {run.path}", err=True)
         return metrics

@@ -121,7 +121,9 @@ def run_cmd(
     r = load_recipe(recipe_path, set_, extra={k: v for k, v in extra.items() if v})
     check_resume_flags(resume, overwrite, out)
     result = _run(r, out, overwrite, dry_run, "run", as_json, resume)
-    if not dry_run:
+    from ..runs import process_rank
+
+    if not dry_run and process_rank() == 0:  # under a launcher the main process writes the report
         from ..report import write_report
 
         paths = write_report(result["run_dir"])

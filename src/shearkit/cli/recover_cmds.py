@@ -104,8 +104,9 @@ def run_recover(r, out: Optional[str], overwrite: bool, resume: bool = False, te
                                  data_dir=rc.data_dir, masks=plan if plan is not None else "auto")
         run.log(f"recovery: {history['budget']['statement']}; stopped={history['stopped']}; "
                 f"{history['masked_layers']} layers kept their zeros")
+        # a resumed run replaces only its own output; under a launcher the main process saves
         saver = save_model(model, tok, run.path / "model", plan=plan, evals=history.get("eval") or {},
-                           overwrite=resume)  # a resumed run replaces only its own output
+                           overwrite=resume) if run.writer else None
         metrics = {"model": mc.name, "saved_with": saver,
                    "recover": {k: v for k, v in history.items() if k != "losses"}}
         run.write_metrics(metrics)
