@@ -99,6 +99,32 @@ def test_pruning_block_by_block_equals_pruning_the_whole_model(tmp_path, family,
     assert hashes(d) == before  # the input model is never written
 
 
+@pytest.mark.parametrize("family,allocation", [("llama", "global"), ("gpt2", "uniform"), ("opt", "global")])
+def test_structured_cuts_block_by_block_equal_the_whole_model(tmp_path, family, allocation):
+    """structured-magnitude on a lazy model: scored and sliced one block at a time (each cut block written
+    to its own shard with its new shapes); per-layer widths saved by streaming reload to the same logits."""
+    d = saved(tmp_path, family)
+    whole, lazy = make_tiny(family), load_lazy(d)
+    p_w = shearkit.prune(whole, None, "structured-magnitude", 0.3, allocation=allocation)
+    p_l = shearkit.prune(lazy, None, "structured-magnitude", 0.3, allocation=allocation)
+    assert p_l.layers == p_w.layers and p_l.ratio_achieved == p_w.ratio_achieved
+    assert block_is_on_disk(lazy)
+    ids = torch.randint(0, 300, (2, 24))
+    assert torch.equal(lazy(input_ids=ids).logits, whole(input_ids=ids).logits)
+    a, b = tmp_path / "a", tmp_path / "b"
+    save(whole, None, a, plan=p_w)
+    save(lazy, None, b, plan=p_l)
+    ta, tb = tensors(a), tensors(b)
+    assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+    from shearkit.io.modeling import load_shearkit_model, needs_modeling_file
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.loads((b / "config.json").read_text())
+    reloaded = load_shearkit_model(b) if needs_modeling_file(cfg) else AutoModelForCausalLM.from_pretrained(b)
+    assert torch.equal(reloaded(input_ids=ids).logits, whole(input_ids=ids).logits)
+
+
 def test_loaded_block_restores_the_block_to_disk_and_keeps_changes_only_when_asked(tmp_path):
     d = saved(tmp_path, "llama")
     lazy = load_lazy(d)
@@ -120,7 +146,7 @@ def test_loaded_block_restores_the_block_to_disk_and_keeps_changes_only_when_ask
 def test_methods_that_need_the_whole_model_are_refused(tmp_path):
     lazy = load_lazy(saved(tmp_path, "llama"))
     calib = torch.randint(0, 300, (2, 16))
-    with pytest.raises(ShearkitError, match="Method 'llm-pruner' needs the whole model.*besa, magnitude, shortgpt, sparsegpt, wanda,"):
+    with pytest.raises(ShearkitError, match="Method 'llm-pruner' needs the whole model.*besa, magnitude, shortgpt, sparsegpt, structured-magnitude, wanda,"):
         shearkit.prune(lazy, None, "llm-pruner", 0.2, calib=calib)
     with pytest.raises(ShearkitError, match="A dry run copies the model"):
         shearkit.prune(lazy, None, "wanda", 0.5, calib=calib, dry_run=True)

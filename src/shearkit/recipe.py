@@ -39,8 +39,8 @@ class ModelConfig:
     dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
     cache_dir: str | None = None
     trust_remote_code: bool = False
-    # models larger than memory: decoder blocks stay on disk, loaded one at a time (magnitude, wanda,
-    # sparsegpt, besa, shortgpt; perplexity, zero-shot, saving); max_memory: lazy only when the weights exceed it
+    # models larger than memory: decoder blocks stay on disk, loaded one at a time (the methods without
+    # gradients or training; evaluation, saving); max_memory: lazy only when the weights exceed it
     lazy: bool = False
     max_memory: str | None = None  # e.g. 8GB, 500MiB
 

@@ -44,7 +44,7 @@ RECIPE_OPT = typer.Option(None, "--recipe", help="YAML recipe; flags override it
 SET_OPT = typer.Option(None, "--set", help="Override a recipe value: section.key=value (repeatable).")
 TRUST_OPT = typer.Option(False, "--trust-remote-code", help="Allow model code from the model directory.")
 LAZY_OPT = typer.Option(False, "--lazy", help="Keep the decoder blocks on disk and load one at a time (models larger "
-                        "than memory: magnitude, wanda, sparsegpt, besa, shortgpt; evaluation and saving).")
+                        "than memory: the methods without gradients or training; evaluation and saving).")
 MAX_MEMORY_OPT = typer.Option(None, "--max-memory", help="Memory the weights may take, e.g. 8GB: a larger model is "
                               "loaded block by block (--lazy); one that cannot fit even so is refused.")
 

@@ -140,9 +140,18 @@ def end_layers(num_layers: int, first: int | None, last: int | None, default: st
 
 def group_scores(model, layers: list[int], attn_unit: str,
                  fn: Callable[[torch.nn.Module, GroupSet], torch.Tensor]) -> dict[tuple[str, int], torch.Tensor]:
-    """`fn(model, groups)` for every group kind the planner needs in each of `layers`."""
+    """`fn(model, groups)` for every group kind the planner needs in each of `layers` (each layer's block
+    in memory while it is scored: a lazy model's read from disk)."""
+    from ..arch import get_adapter
+    from ..io.lazy import loaded_block
+
     m = unwrap(model)
-    return {(kind, i): fn(m, gs) for i in layers for kind, gs in layer_groups(m, i, attn_unit).items()}
+    blocks = get_adapter(m).layers
+    out: dict[tuple[str, int], torch.Tensor] = {}
+    for i in layers:
+        with loaded_block(m, blocks[i]):
+            out.update({(kind, i): fn(m, gs) for kind, gs in layer_groups(m, i, attn_unit).items()})
+    return out
 
 
 class StructuredMethod(PruneMethod):

@@ -41,6 +41,7 @@ class StructuredMagnitude(StructuredMethod):
     name = "structured-magnitude"
     config_cls = StructuredMagnitudeConfig
     needs_calibration = False
+    lazy_ok = True  # scores and cuts one block at a time from its weights alone
 
     def score(self, model, ctx, layers):
         cfg = self.config

@@ -9,11 +9,14 @@ the two give the same outputs (tested for every family), which is how surgery is
 from __future__ import annotations
 
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
 from ..arch.modules import unwrap
 from ..errors import ShearkitError
+from ..io.lazy import loaded_block
 from ..graph.groups import check_lora_shapes, expand_part
 from ..graph.removal import removal_map
 from ..plan import Plan
@@ -42,13 +45,18 @@ def apply_structured(model: nn.Module, plan: Plan) -> nn.Module:
     check_lora_shapes(m)
     rem = removal_map(m, plan)  # validates before anything changes
     tied = ad.tied_embeddings
+    # the cuts block by block, each block in memory while it is cut (a lazy model's read and written back)
+    owner = {id(mod): i for i, block in enumerate(ad.layers) for mod in block.modules()}
+    cuts: dict[int | None, list[tuple[nn.Module, int, set]]] = {}
     for (name, dim), idx in rem.items():
-        if not idx:
-            continue
-        mod = m.get_submodule(name)
-        size = mod.weight.shape[axis_of(mod, dim)]
-        kept = torch.tensor(sorted(set(range(size)) - idx), dtype=torch.long)
-        keep(mod, dim, kept)
+        if idx:
+            mod = m.get_submodule(name)
+            cuts.setdefault(owner.get(id(mod)), []).append((mod, dim, idx))
+    for i, entries in cuts.items():
+        with nullcontext() if i is None else loaded_block(m, ad.layers[i], write=True):
+            for mod, dim, idx in entries:
+                size = mod.weight.shape[axis_of(mod, dim)]
+                keep(mod, dim, torch.tensor(sorted(set(range(size)) - idx), dtype=torch.long))
     fix_lora_sizes(m)
     sync_block_attrs(m)
     remove_blocks(m, plan.blocks)
