@@ -444,6 +444,16 @@ class Trainer:
 
     # -- the run -------------------------------------------------------------------------------------
 
+    def _clip(self, max_norm: float):
+        """Clip the step's gradients by their global norm and return it. Under FSDP each process holds a
+        shard of every gradient: the wrapped model's own clip, which accelerate calls when it is given
+        all the model's parameters, sums the shards' squared norms over the processes (the norm of the
+        trainable parameters' shards alone would differ from process to process)."""
+        from accelerate.utils import DistributedType
+
+        fsdp = self.acc.distributed_type == DistributedType.FSDP
+        return self.acc.clip_grad_norm_(list(self.wrapped.parameters()) if fsdp else self.params, max_norm)
+
     def fit(self, resume: bool = False) -> dict:
         """Run `config.steps` optimizer steps (from the newest checkpoint under `root` when `resume`);
         returns the history: losses, evaluations, stop reason, restored step, budget."""
@@ -488,7 +498,7 @@ class Trainer:
                     history.update(stopped=self._stop, stopped_at=self.step)
                     break
                 step_loss, ce_mean, n_label, tokens = self._forward_backward(step - 1, pad, label_counts)
-                grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+                grad_norm = self._clip(cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
                 finite = grad_norm is None or math.isfinite(float(grad_norm))
                 verdict = self.guard.check(step_loss if finite else math.nan)
                 if verdict in STOPS:
