@@ -5,6 +5,9 @@
         shearkit.prune(tiny llama, NAME) with its training at BATCH sequences per process and step.
     python multiprocess_worker.py recover BATCH TOK_DIR TEXT OUT [--force-fsdp]
         2 optimizer steps of shearkit.recover (merge=False, so the trained peft model comes back as is).
+    python multiprocess_worker.py resume BATCH TOK_DIR TEXT OUT
+        4 steps of shearkit.recover with LoRA dropout and a checkpoint every 2 steps; then its last
+        checkpoint removed and the run resumed from step 2 (each process must get its own dropout stream back).
     python multiprocess_worker.py shared BATCH TOK_DIR TEXT OUT [--force-fsdp]
         FlexiGPT's shared blocks (one block a weight-shared copy of another) trained for 2 steps by the
         Trainer; under a per-layer FSDP config: shearkit's refusal, then what FSDP does without it.
@@ -98,6 +101,28 @@ def run_recover(bs: int, tok, text: str) -> dict:
     norms: list[float] = []  # the gradient norm the Trainer clipped by, as this process computed it
     recover(make_tiny("llama"), tok, cfg, on_step=lambda step, rec: norms.append(rec["grad_norm"]))
     return {"grad_norms": norms}
+
+
+def run_resume(bs: int, tok, text: str, out: str) -> dict:
+    import shutil
+
+    from accelerate import PartialState
+
+    from shearkit.recovery import RecoverConfig, recover
+
+    cfg = RecoverConfig(data=text, steps=4, batch_size=bs, seqlen=16, lr=5e-3, warmup=0, dropout=0.1, merge=False,
+                        save_every=2)
+    root = Path(f"{out}.run")
+    lora = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items() if "lora_" in k}  # noqa: E731
+    whole, h1 = recover(make_tiny("llama"), tok, cfg, out_dir=root)
+    PartialState().wait_for_everyone()
+    if RANK == 0:
+        (last,) = list(root.rglob("checkpoint-4"))
+        shutil.rmtree(last)
+    PartialState().wait_for_everyone()
+    resumed, h2 = recover(make_tiny("llama"), tok, cfg, out_dir=root, resume=True)
+    return {"whole": lora(whole), "resumed": lora(resumed), "losses": [h1["losses"], h2["losses"]],
+            "resumed_from": h2.get("resumed_from"), "dropout_draw": torch.rand(4).tolist()}
 
 
 def run_shared(bs: int, tok, text: str) -> dict:
@@ -196,6 +221,8 @@ def main() -> None:
         res = run_recover(int(bs), tok, text)
     elif mode == "shared":
         res = run_shared(int(bs), tok, text)
+    elif mode == "resume":
+        res = run_resume(int(bs), tok, text, out)
     else:
         raise SystemExit(f"unknown mode {mode}")
     res.update(runs=RUNS, time_s=time.perf_counter() - t0, world=int(os.environ.get("WORLD_SIZE", "1")))

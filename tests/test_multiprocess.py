@@ -317,3 +317,19 @@ def test_the_cli_under_accelerate_launch_matches_one_process(tmp_path, files, ti
     w2 = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
     assert w1.keys() == w2.keys() and all(w1[k].shape == w2[k].shape for k in w1)
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4) for k in w1)
+
+
+def test_each_process_resumes_with_its_own_dropout_stream(files, tmp_path):
+    """2 processes with LoRA dropout: each draws its own masks (the second process's RNG is seeded apart
+    from the main one's, as the rows of one process's batch get different masks), and a run resumed from
+    its step-2 checkpoint ends with the adapters and losses of the uninterrupted run: the checkpoint keeps
+    every process's RNG state (with only the main process's, the second resumed with its stream)."""
+    tok, text = files
+    _, recs = two(tmp_path / "resume", "resume", "2", str(tok), str(text))
+    assert len(recs) == 2
+    for rec in recs:
+        assert rec["resumed_from"] == 2
+        assert rec["losses"][0] == rec["losses"][1]
+        assert rec["whole"].keys() == rec["resumed"].keys()
+        assert all(torch.equal(rec["whole"][k], rec["resumed"][k]) for k in rec["whole"])
+    assert recs[0]["dropout_draw"] != recs[1]["dropout_draw"]

@@ -61,6 +61,20 @@ def rng_state() -> dict[str, torch.Tensor]:
     return out
 
 
+def ranks_rng_state(per_rank: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Every process's RNG states in one checkpoint file: `rank<k>.<name>` (dropout draws differ by process,
+    so each resumes with its own)."""
+    return {f"rank{k}.{name}": t for k, states in enumerate(per_rank) for name, t in states.items()}
+
+
+def rank_rng_state(states: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """This process's RNG states from a checkpoint's: its own `rank<k>.` entries, else the one set a
+    single-process checkpoint holds."""
+    prefix = f"rank{rank}."
+    mine = {k[len(prefix):]: v for k, v in states.items() if k.startswith(prefix)}
+    return mine or states
+
+
 def set_rng_state(states: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(states["torch"])
     cuda = [states[k] for k in sorted((k for k in states if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
@@ -93,10 +107,12 @@ def join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def save_checkpoint(root: Path, step: int, adapter: dict[str, torch.Tensor], optimizer_state: dict,
-                    trainer_state: dict, callbacks: dict[str, dict] | None = None) -> Path:
+                    trainer_state: dict, callbacks: dict[str, dict] | None = None,
+                    rng: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `root/checkpoint-<step>` atomically (a crash leaves no half-written checkpoint).
 
-    `callbacks` maps each callback's name to its `state_dict()` (tensors and JSON-able values)."""
+    `callbacks` maps each callback's name to its `state_dict()` (tensors and JSON-able values); `rng`:
+    the RNG states to keep (default: this process's; several processes: `ranks_rng_state`)."""
     target = Path(root) / f"checkpoint-{step}"
     opt_tensors, opt_meta = split_optimizer_state(optimizer_state)
     cb_tensors: dict[str, torch.Tensor] = {}
@@ -112,7 +128,7 @@ def save_checkpoint(root: Path, step: int, adapter: dict[str, torch.Tensor], opt
     with atomic_dir(target, overwrite=True) as tmp:
         save_file({k: _cpu(v) for k, v in adapter.items()}, str(tmp / "adapter.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        save_file({k: _cpu(v) for k, v in rng_state().items()}, str(tmp / "rng.safetensors"))
+        save_file({k: _cpu(v) for k, v in (rng or rng_state()).items()}, str(tmp / "rng.safetensors"))
         if cb_tensors:
             save_file(cb_tensors, str(tmp / CALLBACK_FILE))
         (tmp / STATE_FILE).write_text(text, encoding="utf-8")

@@ -38,7 +38,8 @@ from ..arch.modules import set_activation_checkpointing, unwrap
 from ..batching import Backoff, chunks
 from ..errors import ShearkitError
 from ..plan import base_fingerprint
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import (latest_checkpoint, load_checkpoint, rank_rng_state, ranks_rng_state, rng_state,
+                         save_checkpoint, set_rng_state)
 from .config import RecoverConfig
 from .data import IGNORE, TrainData, collate, pad_id
 from .guard import STOPS, DivergenceGuard, diverged
@@ -233,6 +234,8 @@ class Trainer:
         self.scheduler = get_scheduler(SCHEDULE_NAMES[config.schedule], optim, num_warmup_steps=config.warmup_steps,
                                        num_training_steps=config.steps)
         self.wrapped, self.optimizer = self.acc.prepare(model, optim)
+        if self.acc.process_index > 0:  # each process its own dropout masks, as the rows of one batch get;
+            torch.manual_seed(torch.initial_seed() + self.acc.process_index)  # the main keeps one process's stream
         if self.teacher is not None:
             self.teacher.to(self.acc.device).eval()
         # logits of labelled positions only: the full (batch, seq, vocab) tensor is never formed
@@ -356,6 +359,11 @@ class Trainer:
 
     def _save(self, step: int) -> None:
         path = self.root / f"checkpoint-{step}"
+        rng = None
+        if self.acc.num_processes > 1:  # every process's dropout stream, gathered for the main one to keep
+            from accelerate.utils import gather_object
+
+            rng = ranks_rng_state(gather_object([rng_state()]))
         if self.acc.is_main_process:
             states = {cb.name: s for cb in self.callbacks if (s := cb.state_dict())}
             save_checkpoint(self.root, step, self._trainable_state(), self.optimizer.state_dict(), {
@@ -368,7 +376,7 @@ class Trainer:
                 "micro_batch_rows": self.backoff.size,
                 # the history so far: a resumed run reports the same losses and evaluations
                 "losses": list(self.history.get("losses") or []),
-                "eval": {str(k): v for k, v in (self.history.get("eval") or {}).items()}}, states)
+                "eval": {str(k): v for k, v in (self.history.get("eval") or {}).items()}}, states, rng)
         self.acc.wait_for_everyone()
         self._call("on_checkpoint", step, path)
 
@@ -401,7 +409,7 @@ class Trainer:
         self._load_trainable(ckpt["adapter"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
-        set_rng_state(ckpt["rng"])
+        set_rng_state(rank_rng_state(ckpt["rng"], self.acc.process_index))
         self.guard.load(st["guard"])
         self.sampler.load_state_dict(st.get("sampler", {}))
         self.backoff.size = min(self.backoff.size, int(st.get("micro_batch_rows") or self.backoff.size))
