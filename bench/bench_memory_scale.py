@@ -41,12 +41,15 @@ OUT = ROOT / "bench" / "results" / "memory_scale.json"
 PLOT = ROOT / "bench" / "results" / "memory_scale.png"
 WORK = ROOT / "bench" / "out" / "memory-scale"
 
-# name -> (hidden, intermediate, layers, heads, kv heads); vocabulary 32000, embeddings tied
+# name -> (hidden, intermediate, layers, heads, kv heads); vocabulary 32000, embeddings tied. The first
+# four grow in depth and width; the 0.25B model's width at 8 and 32 blocks shows depth alone.
 SIZES = {
     "0.1B": (768, 2048, 12, 12, 4),
     "0.25B": (1024, 2816, 16, 16, 4),
     "0.5B": (1536, 4096, 18, 12, 4),
     "1B": (2048, 5632, 20, 16, 4),
+    "0.25B at 8 blocks": (1024, 2816, 8, 16, 4),
+    "0.25B at 32 blocks": (1024, 2816, 32, 16, 4),
 }
 MODES = ("wanda whole", "wanda lazy", "wanda max-memory", "llm-pruner as published", "llm-pruner lean")
 
@@ -55,7 +58,7 @@ def build(name: str) -> Path:
     """The random model of size `name`, saved once (float32 safetensors, tied embeddings)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    d = WORK / name
+    d = WORK / name.replace(" ", "-")
     if (d / "config.json").exists():
         return d
     hidden, inter, layers, heads, kv = SIZES[name]
@@ -131,10 +134,18 @@ def plot(rows: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    depth = {"0.25B at 8 blocks", "0.25B", "0.25B at 32 blocks"}  # one width, 8 / 16 / 32 blocks
     for mode in MODES:
-        pts = sorted((r["model_bytes"] / 2**30, r["anon_peak_bytes"] / 2**30) for r in rows.values() if r["mode"] == mode)
+        pts = sorted((r["model_bytes"] / 2**30, r["anon_peak_bytes"] / 2**30) for r in rows.values()
+                     if r["mode"] == mode and " at " not in r["size"])
         if pts:
             ax.plot(*zip(*pts), marker="o", label=mode)
+    for mode in ("wanda whole", "wanda lazy"):
+        pts = sorted((r["model_bytes"] / 2**30, r["anon_peak_bytes"] / 2**30) for r in rows.values()
+                     if r["mode"] == mode and r["size"] in depth)
+        if len(pts) > 1:
+            ax.plot(*zip(*pts), marker="x", ls="--", color="black", lw=0.8,
+                    label=f"{mode}, width 1024 at 8 / 16 / 32 blocks")
     xs = sorted({r["model_bytes"] / 2**30 for r in rows.values()})
     if xs:
         ax.plot(xs, xs, ls=":", color="gray", label="model size S")
@@ -177,7 +188,7 @@ def main() -> None:
             if key in rows and not a.redo:
                 continue
             t0 = time.perf_counter()
-            out = WORK / f"{size}-{mode.replace(' ', '-')}"
+            out = WORK / f"{size}-{mode}".replace(" ", "-")
             cap = whole_b // 2 if mode == "wanda max-memory" else None
             if mode.startswith("wanda"):
                 work = functools.partial(me.wanda, src=str(src), out=str(out), calib=calib, lazy=mode == "wanda lazy",
@@ -190,8 +201,9 @@ def main() -> None:
                    "model_bytes": whole_b, "stem_bytes": stem_b, "block_bytes": block_b,
                    "anon_peak_bytes": m.anon_peak_above("loaded"), "rss_peak_bytes": m.peak_above("loaded"),
                    "max_memory_bytes": cap, **(m.result or {}), "wall_s": round(time.perf_counter() - t0, 1)}
-            if mode == "wanda lazy" and (WORK / f"{size}-wanda-whole").exists():
-                row["same_tensors_as_whole"] = same_tensors(out, WORK / f"{size}-wanda-whole")
+            whole_out = WORK / f"{size}-wanda-whole".replace(" ", "-")
+            if mode == "wanda lazy" and whole_out.exists():
+                row["same_tensors_as_whole"] = same_tensors(out, whole_out)
             rows[key] = row
             print(f"{key}: peak {row['anon_peak_bytes'] / 2**20:,.0f} MiB anonymous for a {whole_b / 2**20:,.0f} MiB "
                   f"model ({row['wall_s']:.0f} s)", flush=True)
@@ -202,7 +214,7 @@ def main() -> None:
             plot(rows)
         for mode in MODES:  # the pruned copies are as large as the models: keep only the whole run's, for checks
             if mode != "wanda whole":
-                shutil.rmtree(WORK / f"{size}-{mode.replace(' ', '-')}", ignore_errors=True)
+                shutil.rmtree(WORK / f"{size}-{mode}".replace(" ", "-"), ignore_errors=True)
     plot(rows)
 
 

@@ -345,8 +345,11 @@ def memory_scale(results: Path) -> list[str]:
         out.append(f"| {s} | {c['layers']} × {c['hidden']} | {_mib(any_['model_bytes'])} | {_mib(any_['block_bytes'])} | "
                    + " | ".join([cell["wanda whole"], cell["wanda lazy"], ratio, cell["wanda max-memory"],
                                  cell["llm-pruner as published"], cell["llm-pruner lean"]]) + " |")
+    same = [r["same_tensors_as_whole"] for r in rows.values() if r.get("same_tensors_as_whole") is not None]
     c = d["calib"]
-    out += ["", f"Peak anonymous RSS above the interpreter with its libraries imported, each run in a fresh child "
+    out += ["", f"The lazy runs' saved models hold the same tensors as the whole-model runs' at {sum(same)} of "
+            f"{len(same)} sizes (compared by the script). "
+            f"Peak anonymous RSS above the interpreter with its libraries imported, each run in a fresh child "
             f"process; random Llama models (vocabulary 32,000, tied embeddings), {c['windows']} calibration windows of "
             f"{c['seqlen']} random tokens; Wanda runs load, prune 50% and save; measured {d['date']} ({d['machine']}) "
             f"with `{d['command']}`. Plot: `bench/results/memory_scale.png`."]
