@@ -45,13 +45,14 @@ def record_fits() -> None:
     def init_recorded(self, model, *args, **kwargs):
         self._shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}  # before wrapping
         init(self, model, *args, **kwargs)
+        self._wrapper = type(self.wrapped).__name__  # what accelerate wrapped the model in
 
     def recorded(self, *args, **kwargs):
         before = self._shapes
         history = fit(self, *args, **kwargs)
         RUNS.append({"desc": self.desc, "losses": list(history["losses"]), "processes": self.acc.num_processes,
                      "distributed_type": str(self.acc.distributed_type).split(".")[-1],
-                     "wrapper": type(self.wrapped).__name__,
+                     "wrapper": self._wrapper,
                      "whole_after_fit": all(tuple(p.shape) == before[n] for n, p in self.named_params.items())})
         return history
 
@@ -99,8 +100,8 @@ def run_recover(bs: int, tok, text: str) -> dict:
 
     cfg = RecoverConfig(data=text, steps=2, batch_size=bs, seqlen=16, lr=5e-3, warmup=0, dropout=0.0, merge=False)
     norms: list[float] = []  # the gradient norm the Trainer clipped by, as this process computed it
-    recover(make_tiny("llama"), tok, cfg, on_step=lambda step, rec: norms.append(rec["grad_norm"]))
-    return {"grad_norms": norms}
+    model, _ = recover(make_tiny("llama"), tok, cfg, on_step=lambda step, rec: norms.append(rec["grad_norm"]))
+    return {"grad_norms": norms, "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
 
 def run_resume(bs: int, tok, text: str, out: str) -> dict:
@@ -174,9 +175,8 @@ def run_shared(bs: int, tok, text: str) -> dict:
         if flat is not None:  # FSDP with one unit: the parameters it holds, once each
             out["flat_fqns"] = list(flat._fqns)
             out["flat_numel"] = int(flat._unpadded_unsharded_size.numel())
-        trainer.fit()
-        ctx = trainer.wrapped.summon_full_params(trainer.wrapped) if flat is not None else None
-        with ctx if ctx is not None else torch.no_grad():
+        trainer.fit()  # under FSDP the Trainer hands the model back whole
+        with torch.no_grad():
             out["after"] = {
                 "base_unchanged": all(torch.equal(base[p].weight, frozen[p]) for p in PATHS),
                 "one_tensor": all(copy[p].shared is base[p] and copy[p].weight.data_ptr() == base[p].weight.data_ptr()

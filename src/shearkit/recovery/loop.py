@@ -32,6 +32,7 @@ from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..arch.lm_head import chunked_ce, label_hidden, split_head
 from ..arch.modules import set_activation_checkpointing, unwrap
@@ -452,6 +453,32 @@ class Trainer:
 
     # -- the run -------------------------------------------------------------------------------------
 
+    def _unshard(self) -> None:
+        """Under FSDP, hand the model back whole: every process gathers the full parameters, each FSDP unit
+        in the model is replaced by the module it wraps, and those modules get the full tensors (what
+        comes next, merging LoRA, pruning or saving, needs whole weights, not this process's shards)."""
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type != DistributedType.FSDP:
+            return
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        prefix = "_fsdp_wrapped_module."
+        with FSDP.summon_full_params(self.wrapped, writeback=False, rank0_only=False):
+            full = {n.replace(prefix, ""): (p.detach().clone(), p.requires_grad)
+                    for n, p in self.wrapped.named_parameters()}
+        for parent in [self.model, *self.model.modules()]:
+            for name, child in list(parent.named_children()):
+                if isinstance(child, FSDP):
+                    setattr(parent, name, child.module)
+        for name, (tensor, grad) in full.items():
+            owner, _, leaf = name.rpartition(".")
+            module = self.model.get_submodule(owner) if owner else self.model
+            module._parameters[leaf] = nn.Parameter(tensor, requires_grad=grad)
+        self.wrapped = self.model
+        self.named_params = {n: p for n, p in self.model.named_parameters() if n in self.named_params}
+        self.params = list(self.named_params.values())
+
     def _clip(self, max_norm: float):
         """Clip the step's gradients by their global norm and return it. Under FSDP each process holds a
         shard of every gradient: the wrapped model's own clip, which accelerate calls when it is given
@@ -561,6 +588,7 @@ class Trainer:
         finally:
             if cfg.gradient_checkpointing:
                 set_activation_checkpointing(unwrap(self.model), False)
+        self._unshard()
         self.model.eval()
         history.update(self._summary(start, elapsed))
         if log is not None:
