@@ -22,6 +22,7 @@ tests/test_bench_tables.py, fails). The grid table has its own markers and gener
     train_throughput.json       bench/bench_train_throughput.py
     speculative.json            bench/bench_speculative.py
     memory_scale.json           bench/bench_memory_scale.py
+    processes.json              bench/bench_processes.py
 """
 from __future__ import annotations
 
@@ -356,6 +357,22 @@ def memory_scale(results: Path) -> list[str]:
     return out
 
 
+def processes(results: Path) -> list[str]:
+    """LoRA training on one process against two at the same global batch: time and losses."""
+    d = _load("processes.json", results)
+    out = ["| setting | sequences per process | training s | tokens/s | losses |", "|---|---:|---:|---:|---|"]
+    for name, r in d["rows"].items():
+        out.append(f"| {name} | {r['per_process_batch']} | {r['train_s']:.1f} | {r['tokens_per_s']:.1f} | "
+                   f"{', '.join(f'{x:.4f}' for x in r['losses'])} |")
+    t = d["train"]
+    out += ["", f"Two processes train {d['speed_up']:.2f} × as fast; the largest loss difference is "
+            f"{d['max_loss_difference']:.1e}. {d['model']}, `recover` on `{t['data']}`, {t['steps']} steps of a global "
+            f"batch of {t['global_batch']} × {t['seqlen']}, LoRA r {t['rank']}, dropout {t['dropout']:g}, lr {t['lr']:g}, "
+            f"seed {t['seed']}, one torch thread per process; measured {d['date']} ({d['machine']}) with "
+            f"`{d['command']}`."]
+    return out
+
+
 def train_memory(results: Path) -> list[str]:
     """Peak memory and step time of LoRA training, as published against checkpointing and the chunked head."""
     d = _load("train_memory.json", results)
@@ -440,7 +457,7 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "structured-quality": structured_quality, "structured-speed": structured_speed, "llmc": llmc,
     "zeroshot": zeroshot, "training": training, "training-zeroshot": training_zeroshot,
     "blocks-training": blocks_training,
-    "importance-memory": importance_memory, "memory-scale": memory_scale, "train-memory": train_memory, "train-throughput": train_throughput, "speculative": speculative,
+    "importance-memory": importance_memory, "memory-scale": memory_scale, "processes": processes, "train-memory": train_memory, "train-throughput": train_throughput, "speculative": speculative,
     "llama-cpp": llama_cpp,
 }
 
