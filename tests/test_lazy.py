@@ -46,6 +46,16 @@ def tensors(folder):
     return out
 
 
+def saved_alike(tmp_path, whole, p_whole, lazy, p_lazy):
+    """Save the whole and the lazy model (each with its plan) and check the files hold the same tensors."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    save(whole, None, a, plan=p_whole)
+    save(lazy, None, b, plan=p_lazy)
+    ta, tb = tensors(a), tensors(b)
+    assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+    return a, b
+
+
 def block_is_on_disk(model):
     return all(p.is_meta for b in shearkit.get_adapter(model).layers for p in b.parameters())
 
@@ -84,11 +94,7 @@ def test_pruning_block_by_block_equals_pruning_the_whole_model(tmp_path, family,
         assert all(torch.equal(p_lazy.masks[k], p_whole.masks[k]) for k in p_whole.masks)
     ids = torch.randint(0, 300, (2, 24))
     assert torch.equal(whole(input_ids=ids).logits, lazy(input_ids=ids).logits)
-    a, b = tmp_path / "a", tmp_path / "b"
-    save(whole, None, a, plan=p_whole)
-    save(lazy, None, b, plan=p_lazy)
-    ta, tb = tensors(a), tensors(b)
-    assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+    a, b = saved_alike(tmp_path, whole, p_whole, lazy, p_lazy)
     assert len(list(b.glob("model-*.safetensors"))) == shearkit.get_adapter(lazy).num_layers + 1  # one shard a block
     pa, pb = json.loads((a / "shearkit.json").read_text()), json.loads((b / "shearkit.json").read_text())
     assert pa["fingerprint"] == pb["fingerprint"] and pa["sparsity_measured"] == pb["sparsity_measured"]
@@ -111,11 +117,7 @@ def test_structured_cuts_block_by_block_equal_the_whole_model(tmp_path, family, 
     assert block_is_on_disk(lazy)
     ids = torch.randint(0, 300, (2, 24))
     assert torch.equal(lazy(input_ids=ids).logits, whole(input_ids=ids).logits)
-    a, b = tmp_path / "a", tmp_path / "b"
-    save(whole, None, a, plan=p_w)
-    save(lazy, None, b, plan=p_l)
-    ta, tb = tensors(a), tensors(b)
-    assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+    a, b = saved_alike(tmp_path, whole, p_w, lazy, p_l)
     assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
     from shearkit.io.modeling import load_shearkit_model, needs_modeling_file
     from transformers import AutoModelForCausalLM
