@@ -4,14 +4,13 @@
 (embeddings, final norm, output head) and leaves every decoder block empty. Each block carries
 accelerate's offload hook (`AlignDevicesHook` over an `OffloadedWeightsLoader` that reads the
 safetensors files), so a whole-model forward (perplexity, zero-shot, generation) loads one block,
-runs it and frees it again. Methods that change a block (the blockwise pruners) take it with
-`LazyWeights.loaded(block, write=True)`: the block is loaded, changed, written to a shard of its own
-in a work folder, and the loader is pointed at that shard, so every later read sees the pruned block
-and the input model's files are never touched. `save_weights` streams the model to a sharded
-checkpoint block by block. Peak memory: the stem, one block and the calibration activations.
+runs it and frees it again. Methods that change a block (the blockwise pruners, structured cuts) take
+it with `loaded_block(model, block, write=True)`: the block is loaded, changed (or sliced), written to
+a shard of its own in a work folder, and the loader is pointed at that shard, so every later read sees
+the pruned block and the input model's files are never touched. `save_weights` streams the model to a
+sharded checkpoint block by block. Peak memory: the stem, one block and the calibration activations.
 
-What needs the whole model at once (training, gradients, physical width changes) refuses a lazy model
-(`require_materialized`).
+What needs the whole model at once (training, gradients) refuses a lazy model (`require_materialized`).
 """
 from __future__ import annotations
 
