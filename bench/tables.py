@@ -284,6 +284,28 @@ def blocks_training(results: Path) -> list[str]:
     return out
 
 
+def extend_training(results: Path) -> list[str]:
+    """FlexiGPT's extension against the original at the same budget."""
+    rows = [r for r in _suite(_load("training.jsonl", results), "extend") if r.get("status") == "ok"]
+    if not rows:
+        return ["Not measured yet: `python bench/bench_training.py --suite extend` fills these rows."]
+    out = ["| cell | what | blocks | WikiText-2 | PTB | tokens trained | last training loss | unique params | date |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        what = ("the original, LoRA on every projection" if r["method"] == "lora" else
+                f"{r['blocks_added']} shared copies ({', '.join(f'{k}: {v}' for k, v in r['options'].items())})")
+        blocks = r.get("blocks_after", 30)
+        unique = f"{r['params']['unique'] / 1e6:.1f} M" if r.get("params") else "—"
+        loss = f"{r['train_loss_last']:.4f}" if r.get("train_loss_last") is not None else "—"
+        out.append(f"| `{r['key']}` | {what} | {blocks} | {_ppl(r['wikitext2'])} | {_ppl(r['ptb'])} | "
+                   f"{r.get('train_tokens') or 0:,} | {loss} | {unique} | {r['date']} |")
+    t = rows[0]["protocol"]["train"]
+    out += ["", f"Budget {rows[0]['protocol']['budget_tokens']:,} training tokens = {t['steps']} steps × "
+            f"{t['batch_size']} × {t['seqlen']} of `{t['data']}`, seed {t['seed']}; LoRA lr {t['lr']:g}, the "
+            "copies' adapters and norm scales lr 1e-3; perplexity seqlen 512, first 40 windows."]
+    return out
+
+
 def training_zeroshot(results: Path) -> list[str]:
     """Zero-shot scores of the training benchmark's final rows, with standard errors."""
     rows = [r for r in _load("training.jsonl", results) if r.get("zeroshot")]
@@ -456,7 +478,7 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "sparsity-memory": sparsity_memory, "llm-pruner-variants": llm_pruner_variants,
     "structured-quality": structured_quality, "structured-speed": structured_speed, "llmc": llmc,
     "zeroshot": zeroshot, "training": training, "training-zeroshot": training_zeroshot,
-    "blocks-training": blocks_training,
+    "blocks-training": blocks_training, "extend-training": extend_training,
     "importance-memory": importance_memory, "memory-scale": memory_scale, "processes": processes, "train-memory": train_memory, "train-throughput": train_throughput, "speculative": speculative,
     "llama-cpp": llama_cpp,
 }
