@@ -256,9 +256,9 @@ def load_lazy(path: str | os.PathLike, *, device: str | torch.device = "cpu", dt
     index = _index(path, dtype)
     if not index:
         raise ShearkitError(f"{path} holds no .safetensors weights; lazy loading reads safetensors files.")
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)  # plain transformers folders only
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     ad = get_adapter(model)
     layers_name = next(n for n, m in model.named_modules() if m is ad.layers)
     dev = torch.device(device)
@@ -371,7 +371,8 @@ def weight_bytes(path: str | os.PathLike, dtype: torch.dtype) -> tuple[int, int,
     from ..arch import get_adapter
 
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, trust_remote_code=False), dtype=dtype,
+                                                 trust_remote_code=False)
     size = lambda m: sum(p.numel() for p in {id(p): p for p in m.parameters()}.values()) * dtype.itemsize  # noqa: E731
     blocks = get_adapter(model).layers
     whole = size(model)
