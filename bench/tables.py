@@ -58,6 +58,11 @@ def _ppl(x: float | None) -> str:
     return f"{x:,.0f}" if x >= 1000 else f"{x:.2f}"
 
 
+def _measured(d: dict) -> str:
+    """When, where and with which command a results file was written."""
+    return f"measured {d['date']} ({d['machine']}) with `{d['command']}`."
+
+
 def _rate(s: dict, digits: int = 0) -> str:
     return f"{s['median']:.{digits}f} (median of {s['n']}; {s['min']:.{digits}f}-{s['max']:.{digits}f})"
 
@@ -374,8 +379,8 @@ def memory_scale(results: Path) -> list[str]:
             f"{len(same)} sizes (compared by the script). "
             f"Peak anonymous RSS above the interpreter with its libraries imported, each run in a fresh child "
             f"process; random Llama models (vocabulary 32,000, tied embeddings), {c['windows']} calibration windows of "
-            f"{c['seqlen']} random tokens; Wanda runs load, prune 50% and save; measured {d['date']} ({d['machine']}) "
-            f"with `{d['command']}`. Plot: `bench/results/memory_scale.png`."]
+            f"{c['seqlen']} random tokens; Wanda runs load, prune 50% and save; {_measured(d)} "
+            "Plot: `bench/results/memory_scale.png`."]
     return out
 
 
@@ -390,8 +395,7 @@ def processes(results: Path) -> list[str]:
     out += ["", f"Two processes train {d['speed_up']:.2f} × as fast; the largest loss difference is "
             f"{d['max_loss_difference']:.1e}. {d['model']}, `recover` on `{t['data']}`, {t['steps']} steps of a global "
             f"batch of {t['global_batch']} × {t['seqlen']}, LoRA r {t['rank']}, dropout {t['dropout']:g}, lr {t['lr']:g}, "
-            f"seed {t['seed']}, one torch thread per process; measured {d['date']} ({d['machine']}) with "
-            f"`{d['command']}`."]
+            f"seed {t['seed']}, one torch thread per process; {_measured(d)}"]
     return out
 
 

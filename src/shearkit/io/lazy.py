@@ -91,6 +91,25 @@ def keep_large_allocations_mapped(threshold: int = 1 << 20) -> None:
         _libc().mallopt(M_MMAP_THRESHOLD, threshold)
 
 
+_OFFLOAD_HOOK = None
+
+
+def _offload_hook_class() -> type:
+    """accelerate's offload hook that also gives the freed block's memory back after each forward."""
+    global _OFFLOAD_HOOK
+    if _OFFLOAD_HOOK is None:
+        from accelerate.hooks import AlignDevicesHook
+
+        class OffloadHook(AlignDevicesHook):
+            def post_forward(self, module, output):
+                output = super().post_forward(module, output)
+                release_freed_memory()
+                return output
+
+        _OFFLOAD_HOOK = OffloadHook
+    return _OFFLOAD_HOOK
+
+
 def _tensor_names(module: nn.Module) -> list[str]:
     """Parameters and persistent buffers of `module`, as its state dict names them."""
     return list(module.state_dict(keep_vars=True).keys())
@@ -100,12 +119,11 @@ class LazyWeights:
     """Where each decoder block's tensors are (the input files, or a pruned block's own shard) and how to
     load a block for a while (`loaded`) or for one forward (accelerate's hook)."""
 
-    def __init__(self, model: nn.Module, loader, layers_name: str, device: torch.device, dtype: torch.dtype,
-                 work_dir: Path, owns_work_dir: bool):
+    def __init__(self, model: nn.Module, loader, layers_name: str, device: torch.device, work_dir: Path,
+                 owns_work_dir: bool):
         self.loader = loader  # accelerate OffloadedWeightsLoader: name -> safetensors file, weight name, dtype
         self.layers_name = layers_name
         self.device = device
-        self.dtype = dtype
         self.work_dir = work_dir
         self._count = itertools.count()
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(work_dir), True) if owns_work_dir else None
@@ -118,16 +136,10 @@ class LazyWeights:
 
     def attach(self, block: nn.Module) -> None:
         """Give `block` accelerate's offload hook: each forward loads it from the loader and frees it after."""
-        from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+        from accelerate.hooks import add_hook_to_module
         from accelerate.utils import PrefixedDataset
 
-        class OffloadHook(AlignDevicesHook):
-            def post_forward(self, module, output):  # noqa: D102 - accelerate's, then the freed block returned
-                output = super().post_forward(module, output)
-                release_freed_memory()
-                return output
-
-        hook = OffloadHook(execution_device=self.device, offload=True, place_submodules=True,
+        hook = _offload_hook_class()(execution_device=self.device, offload=True, place_submodules=True,
                            weights_map=PrefixedDataset(self.loader, self.source(block)))
         add_hook_to_module(block, hook)
 
@@ -266,7 +278,7 @@ def load_lazy(path: str | os.PathLike, *, device: str | torch.device = "cpu", dt
     work = Path(tempfile.mkdtemp(prefix="shearkit-lazy-")) if owns else Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     loader = OffloadedWeightsLoader(index=index)
-    store = LazyWeights(model, loader, layers_name, dev, dtype, work, owns)
+    store = LazyWeights(model, loader, layers_name, dev, work, owns)
     for i, block in enumerate(ad.layers):
         setattr(block, SOURCE, f"{layers_name}.{i}.")
     stem = [n for n in _tensor_names(model) if not n.startswith(layers_name + ".")]
