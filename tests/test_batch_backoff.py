@@ -412,9 +412,11 @@ def test_training_halves_the_micro_batch_and_keeps_the_losses(backward, grad_acc
     assert len(sizes) == 1 + 2 * grad_accum * 4  # one failed attempt, then 2 calls per micro-batch
     # exactly what halving batch_size and doubling grad_accum gives (the same calls, the same sums) ...
     assert got["losses"] == accum["losses"] and all(torch.equal(w[n], accum_w[n]) for n in ref_w)
-    # ... and batch_size 4's losses and weights up to float order (Adam scales tiny gradients up to ~lr)
+    # ... and batch_size 4's losses and weights up to float order: Adam divides by the root of the squared
+    # gradient, so a gradient near zero differing in its last bits can move a weight by up to ~lr (1e-3) a
+    # step; seen up to 2e-5 after 4 steps on some CPUs, so a tenth of one step's lr is the bound
     assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5)
-    assert all(torch.allclose(w[n], ref_w[n], rtol=0, atol=1e-5) for n in ref_w)
+    assert all(torch.allclose(w[n], ref_w[n], rtol=0, atol=1e-4) for n in ref_w)
     assert (got["micro_batch_rows"], ref["micro_batch_rows"]) == (2, 4)
     assert got["budget"] == ref["budget"]  # still 4 x grad_accum sequences per step
     warn = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "shearkit.batching"]
