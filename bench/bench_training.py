@@ -243,7 +243,23 @@ def read_run(run: Path, row: dict) -> dict:
                    train_loss_last=e["train"]["loss_last"], recover_s=e["train"].get("time_s"))
     if "params" in m:
         row["params"] = m["params"]
+    keep_knowledge_distribution(run, row["key"])
     return row
+
+
+def keep_knowledge_distribution(run: Path, cell: str) -> None:
+    """A LoRAShear cell's knowledge-distribution record and its plot, kept in bench/results/ (the run
+    directory is not): knowledge_distribution_<cell>.json / .png."""
+    from shearkit.analysis.sensitivity import plot_sensitivity
+    from shearkit.io.atomic import write_json
+
+    src = run / "lorashear" / "knowledge_distribution.json"
+    if not src.exists():
+        return
+    record = json.loads(src.read_text())
+    dest = ROOT / "bench" / "results" / f"knowledge_distribution_{cell}"
+    write_json(f"{dest}.json", record)
+    plot_sensitivity(record, f"{dest}.png")
 
 
 def model_dir(cell: str) -> str:

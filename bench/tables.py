@@ -349,6 +349,34 @@ def importance_memory(results: Path) -> list[str]:
     return out
 
 
+def knowledge_distribution(results: Path) -> list[str]:
+    """LoRAShear's knowledge distribution of its 0.2 cell: per layer, each node group's deviation in its
+    trial, whether it was kept whole, and the units its target removes."""
+    cell = "lorashear-r0.2"
+    d = _load(f"knowledge_distribution_{cell}.json", results)
+    row = next(r for r in _load("training.jsonl", results) if r["key"] == cell)
+    nodes = {(n["layer"], n["kind"]): n for n in d["nodes"]}
+    out = ["| layer | attention: perplexity increase (relative) | KV groups removed | "
+           "MLP: perplexity increase (relative) | MLP channels removed |", "|---:|---:|---:|---:|---:|"]
+
+    def cell_(n: dict) -> tuple[str, str]:
+        kept = " (kept whole)" if n["unprunable"] else ""
+        return f"{n['relative_deviation']:.3g}{kept}", f"{round(n['target_ratio'] * n['units']):,} of {n['units']:,}"
+
+    for layer in sorted({k[0] for k in nodes}):
+        a, m = cell_(nodes[layer, "attn"]), cell_(nodes[layer, "mlp"])
+        out.append(f"| {layer} | {a[0]} | {a[1]} | {m[0]} | {m[1]} |")
+    h = d["heldout"]
+    out += ["", f"{d['model']}: each node group alone with a fraction {d['trial_ratio']:g} of its units zeroed by "
+            f"{d['proxy']}, perplexity on {h['windows']} held-out `{h['dataset']}` windows of {h['seqlen']} tokens "
+            f"(dense {d['dense_ppl']:.2f}), relative increase; the most sensitive {d['gamma']:g} of the node groups "
+            f"kept whole, the rest given targets that reach {d['ratio']:g} of the block parameters "
+            f"({d['ratio_reached']:.4f} reached); {len(d['nodes'])} trials in {d['trials_wall_s'] / 60:.0f} min; "
+            f"from the `{cell}` cell of `bench/bench_training.py`, {row['date']} ({row['machine']}). "
+            f"Plot: `bench/results/knowledge_distribution_{cell}.png`."]
+    return out
+
+
 def memory_scale(results: Path) -> list[str]:
     """Peak anonymous RSS against model size: Wanda whole vs block by block, LLM-Pruner's scoring before vs after."""
     d = _load("memory_scale.json", results)
@@ -483,7 +511,8 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "structured-quality": structured_quality, "structured-speed": structured_speed, "llmc": llmc,
     "zeroshot": zeroshot, "training": training, "training-zeroshot": training_zeroshot,
     "blocks-training": blocks_training, "extend-training": extend_training,
-    "importance-memory": importance_memory, "memory-scale": memory_scale, "processes": processes, "train-memory": train_memory, "train-throughput": train_throughput, "speculative": speculative,
+    "importance-memory": importance_memory, "memory-scale": memory_scale, "knowledge-distribution": knowledge_distribution,
+    "processes": processes, "train-memory": train_memory, "train-throughput": train_throughput, "speculative": speculative,
     "llama-cpp": llama_cpp,
 }
 
