@@ -210,6 +210,17 @@ def run_cell(cell: str, budget_s: int, fresh: bool = False) -> dict:
     return read_run(out / "run", row)
 
 
+def carry_measurements(old: dict | None, new: dict) -> dict:
+    """A re-run (--redo) that reproduces a row's perplexities exactly has built the same model: the old
+    row's zero-shot and speed measurements still describe it, so they stay (otherwise they are dropped)."""
+    same = old is not None and new.get("status") == "ok" and all(
+        old.get(k) is not None and old.get(k) == new.get(k) for k in ("wikitext2", "ptb"))
+    if same:
+        new.update({k: old[k] for k in ("zeroshot", "zeroshot_protocol", "zeroshot_s", "speed")
+                    if k in old and k not in new})
+    return new
+
+
 def read_run(run: Path, row: dict) -> dict:
     """Fill a row from a finished run directory (metrics.json, plan.json)."""
     m = json.loads((run / "metrics.json").read_text())
@@ -336,7 +347,7 @@ def main() -> None:
             continue
         print(f"[{i}/{len(cells)}] {cell}: running ...", flush=True)
         new = run_cell(cell, a.budget, fresh=a.redo)
-        RESULTS.save(new)
+        RESULTS.save(carry_measurements(row, new))
         print(f"    {new.get('status')}: wikitext2 {new.get('wikitext2')}, ptb {new.get('ptb')}, "
               f"{new['wall_s']:.0f} s", flush=True)
 
