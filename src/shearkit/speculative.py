@@ -17,7 +17,6 @@ and on how much cheaper it is: the draft still runs the embeddings and the outpu
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from torch import nn
 from .arch import get_adapter
 from .arch.modules import unwrap
 from .errors import ShearkitError
+from .kv_cache import cache_kwarg, new_cache
 
 _MISSING = object()
 
@@ -88,18 +88,6 @@ def skipping_blocks(model: nn.Module, skip: Sequence[int]) -> Iterator[nn.Module
                 setattr(cfg, k, v)
 
 
-def _cache_kwarg(model: nn.Module) -> str:
-    """The name under which this transformers version's forward takes the KV cache."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _new_cache(model: nn.Module):
-    from transformers import DynamicCache
-
-    return DynamicCache(config=unwrap(model).config)
-
-
 def _cut(cache, length: int) -> None:
     """Drop the cached positions from `length` on (negative crop: remove that many, in every version)."""
     extra = cache.get_seq_length() - length
@@ -133,12 +121,12 @@ def speculative_generate(model: nn.Module, input_ids: torch.Tensor, max_new_toke
         eos_token_id = getattr(getattr(m, "generation_config", None), "eos_token_id", None)
     eos = set() if eos_token_id is None else {int(e) for e in ([eos_token_id] if isinstance(eos_token_id, int)
                                                                else eos_token_id)}
-    kw = _cache_kwarg(m)
+    kw = cache_kwarg(m)
     was_training = m.training
     m.eval()
-    full_cache = _new_cache(m)
+    full_cache = new_cache(m)
     with skipping_blocks(m, skip):
-        draft_cache = _new_cache(m)
+        draft_cache = new_cache(m)
     seq = input_ids[0].tolist()
     start = len(seq)
     device = input_ids.device

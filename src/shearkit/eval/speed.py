@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..kv_cache import cache_kwarg, new_cache
 from .memory import ChildWorker, Measured, PeakMemory, load_model  # noqa: F401 - PeakMemory is imported from here too
 
 
@@ -43,13 +44,12 @@ def time_decode(model, batch: int, prompt: int, new_tokens: int, vocab: int, see
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, prompt), generator=g).to(device)
-    out = model(input_ids=ids, use_cache=True)
-    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache = {cache_kwarg(model): new_cache(model)}  # filled in place by every forward
+    nxt = model(input_ids=ids, use_cache=True, **cache).logits[:, -1:].argmax(-1)
     _sync(device)
     t = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        nxt = model(input_ids=nxt, use_cache=True, **cache).logits[:, -1:].argmax(-1)
     _sync(device)
     return time.perf_counter() - t
 
