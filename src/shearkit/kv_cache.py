@@ -1,6 +1,6 @@
 """The KV cache across transformers versions: a cache object the caller owns (updated in place by each
-forward) and the keyword the model's forward takes it under (`cache` from transformers 5.2x on,
-`past_key_values` before; the old name is removed in 5.40)."""
+forward) and the keyword the model's forward takes it under (`cache` in recent transformers 5 releases,
+`past_key_values` before; 5.24 warns that the old name goes in 5.40)."""
 from __future__ import annotations
 
 import inspect
