@@ -254,23 +254,27 @@ def read_run(run: Path, row: dict) -> dict:
                    train_loss_last=e["train"]["loss_last"], recover_s=e["train"].get("time_s"))
     if "params" in m:
         row["params"] = m["params"]
-    keep_knowledge_distribution(run, row["key"])
+    keep_lorashear_records(run, row["key"])
     return row
 
 
-def keep_knowledge_distribution(run: Path, cell: str) -> None:
-    """A LoRAShear cell's knowledge-distribution record and its plot, kept in bench/results/ (the run
-    directory is not): knowledge_distribution_<cell>.json / .png."""
+def keep_lorashear_records(run: Path, cell: str) -> None:
+    """What a LoRAShear cell's run directory holds that the docs need, kept in bench/results/ (the run
+    directory is not): its knowledge-distribution record and plot (knowledge_distribution_<cell>.json /
+    .png) and the units its plan removed per layer (units_removed_<cell>.json)."""
     from shearkit.analysis.sensitivity import plot_sensitivity
-    from shearkit.io.atomic import write_json
+    from shearkit.io.atomic import write_json, write_text
 
     src = run / "lorashear" / "knowledge_distribution.json"
     if not src.exists():
         return
+    out = ROOT / "bench" / "results"
     record = json.loads(src.read_text())
-    dest = ROOT / "bench" / "results" / f"knowledge_distribution_{cell}"
-    write_json(f"{dest}.json", record)
-    plot_sensitivity(record, f"{dest}.png")
+    write_json(out / f"knowledge_distribution_{cell}.json", record)
+    plot_sensitivity(record, out / f"knowledge_distribution_{cell}.png")
+    layers = json.loads((run / "plan.json").read_text()).get("layers") or {}
+    kept = {i: {k: e[k] for k in ("kv_groups", "mlp_channels") if e.get(k)} for i, e in layers.items()}
+    write_text(out / f"units_removed_{cell}.json", json.dumps({"cell": cell, "layers": kept}) + "\n")  # compact
 
 
 def model_dir(cell: str) -> str:
@@ -314,7 +318,8 @@ def main() -> None:
     ap.add_argument("--suite", choices=sorted(SUITES), default="width", help="which comparison's cells (default width)")
     ap.add_argument("--cells", default=None, help="comma-separated subset of the suite's cells (default: all)")
     ap.add_argument("--budget", type=int, default=5400, help="seconds per cell before it is stopped")
-    ap.add_argument("--redo", action="store_true", help="run cells again even when they have a row")
+    ap.add_argument("--redo", action="store_true", help="run cells again even when they have a row (a re-run that reproduces the row's "
+                    "perplexities keeps its zero-shot and speed)")
     ap.add_argument("--zeroshot", action="store_true", help="zero-shot scores for the final rows that lack them")
     ap.add_argument("--speed", action="store_true", help="size and speed against dense for rows that lack them")
     ap.add_argument("--repeats", type=int, default=5, help="--speed: interleaved repeats")

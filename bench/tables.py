@@ -377,6 +377,26 @@ def knowledge_distribution(results: Path) -> list[str]:
     return out
 
 
+def lorashear_units(results: Path) -> list[str]:
+    """Which units each kept LoRAShear cell removed, against the 0.2 cell's: how many are the same."""
+    def units(cell_file: Path) -> set[tuple]:
+        layers = json.loads(cell_file.read_text())["layers"]
+        return {(i, k, u) for i, e in layers.items() for k, us in e.items() for u in us}
+
+    ref_cell = "lorashear-r0.2"
+    ref = units(results / f"units_removed_{ref_cell}.json")
+    out = [f"| cell | KV groups removed | MLP channels removed | units also removed by `{ref_cell}` | "
+           "of them KV groups |", "|---|---:|---:|---:|---:|"]
+    for f in sorted(results.glob("units_removed_*.json")):
+        u = units(f)
+        kv = lambda s: sum(1 for x in s if x[1] == "kv_groups")  # noqa: E731
+        same = u & ref
+        out.append(f"| `{f.stem.removeprefix('units_removed_')}` | {kv(u)} | {len(u) - kv(u):,} | "
+                   f"{len(same):,} of {len(u):,} | {kv(same)} of {kv(u)} |")
+    out += ["", "From each cell's plan, kept by `bench/bench_training.py` in `bench/results/units_removed_<cell>.json`."]
+    return out
+
+
 def memory_scale(results: Path) -> list[str]:
     """Peak anonymous RSS against model size: Wanda whole vs block by block, LLM-Pruner's scoring before vs after."""
     d = _load("memory_scale.json", results)
@@ -512,6 +532,7 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "zeroshot": zeroshot, "training": training, "training-zeroshot": training_zeroshot,
     "blocks-training": blocks_training, "extend-training": extend_training,
     "importance-memory": importance_memory, "memory-scale": memory_scale, "knowledge-distribution": knowledge_distribution,
+    "lorashear-units": lorashear_units,
     "processes": processes, "train-memory": train_memory, "train-throughput": train_throughput, "speculative": speculative,
     "llama-cpp": llama_cpp,
 }

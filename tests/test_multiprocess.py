@@ -33,7 +33,7 @@ CONFIGS = ROOT / "configs" / "accelerate"
 WORKER = Path(__file__).resolve().parent / "multiprocess_worker.py"
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 # accelerate's refusal of fsdp_sync_module_states on the CPU, as worded before 1.16 and since
-NO_DEVICE = ("RuntimeError: There are currently no available devices found, must be one of",
+FSDP_CPU_REFUSALS = ("RuntimeError: There are currently no available devices found, must be one of",
              "RuntimeError: FSDP parameter initialization with `sync_module_states=True` is not supported on cpu.")
 WORDS = ("the quick brown fox jumps over lazy dog pruning makes language models smaller hello world this is a "
          "test of shearkit").split()
@@ -143,7 +143,7 @@ def test_fsdp_config_on_cpu_is_refused_or_dropped(files, tmp_path):
     tok, text = files
     r, recs = two(tmp_path / "shipped", "recover", "2", str(tok), str(text), config="fsdp.yaml", check=False)
     assert r.returncode != 0 and not recs
-    assert any(m in r.stderr for m in NO_DEVICE), r.stderr[-2000:]
+    assert any(m in r.stderr for m in FSDP_CPU_REFUSALS), r.stderr[-2000:]
 
     r, recs = two(tmp_path / "nosync", "recover", "2", str(tok), str(text), config="fsdp.yaml",
                   launch=("--fsdp_sync_module_states", "false"))
