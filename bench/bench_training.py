@@ -248,20 +248,20 @@ def read_run(run: Path, row: dict) -> dict:
             stages = [extra["lhspg"]["train"], extra["recovery"]["train"]]
             row.update(train_tokens=sum(t["budget"]["tokens"] for t in stages), train_loss_last=stages[1]["loss_last"],
                        unprunable=extra.get("unprunable"), recovery_rounds=extra["recovery"]["rounds"])
+            keep_lorashear_records(run, row["key"], layers)
     if "extend" in m:  # the extension: blocks added and their training
         e = m["extend"]
         row.update(blocks_after=e["blocks_after"], train_tokens=e["train"]["budget"]["tokens"],
                    train_loss_last=e["train"]["loss_last"], recover_s=e["train"].get("time_s"))
     if "params" in m:
         row["params"] = m["params"]
-    keep_lorashear_records(run, row["key"])
     return row
 
 
-def keep_lorashear_records(run: Path, cell: str) -> None:
+def keep_lorashear_records(run: Path, cell: str, layers: dict) -> None:
     """What a LoRAShear cell's run directory holds that the docs need, kept in bench/results/ (the run
     directory is not): its knowledge-distribution record and plot (knowledge_distribution_<cell>.json /
-    .png) and the units its plan removed per layer (units_removed_<cell>.json)."""
+    .png) and the units its plan removed per layer (`layers`, from plan.json: units_removed_<cell>.json)."""
     from shearkit.analysis.sensitivity import plot_sensitivity
     from shearkit.io.atomic import write_json, write_text
 
@@ -272,7 +272,6 @@ def keep_lorashear_records(run: Path, cell: str) -> None:
     record = json.loads(src.read_text())
     write_json(out / f"knowledge_distribution_{cell}.json", record)
     plot_sensitivity(record, out / f"knowledge_distribution_{cell}.png")
-    layers = json.loads((run / "plan.json").read_text()).get("layers") or {}
     kept = {i: {k: e[k] for k in ("kv_groups", "mlp_channels") if e.get(k)} for i, e in layers.items()}
     write_text(out / f"units_removed_{cell}.json", json.dumps({"cell": cell, "layers": kept}) + "\n")  # compact
 

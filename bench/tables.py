@@ -379,17 +379,18 @@ def knowledge_distribution(results: Path) -> list[str]:
 
 def lorashear_units(results: Path) -> list[str]:
     """Which units each kept LoRAShear cell removed, against the 0.2 cell's: how many are the same."""
-    def units(cell_file: Path) -> set[tuple]:
-        layers = json.loads(cell_file.read_text())["layers"]
-        return {(i, k, u) for i, e in layers.items() for k, us in e.items() for u in us}
+    def units(name: str) -> set[tuple]:
+        return {(i, k, u) for i, e in _load(name, results)["layers"].items() for k, us in e.items() for u in us}
+
+    def kv(us: set[tuple]) -> int:
+        return sum(1 for x in us if x[1] == "kv_groups")
 
     ref_cell = "lorashear-r0.2"
-    ref = units(results / f"units_removed_{ref_cell}.json")
+    ref = units(f"units_removed_{ref_cell}.json")
     out = [f"| cell | KV groups removed | MLP channels removed | units also removed by `{ref_cell}` | "
            "of them KV groups |", "|---|---:|---:|---:|---:|"]
     for f in sorted(results.glob("units_removed_*.json")):
-        u = units(f)
-        kv = lambda s: sum(1 for x in s if x[1] == "kv_groups")  # noqa: E731
+        u = units(f.name)
         same = u & ref
         out.append(f"| `{f.stem.removeprefix('units_removed_')}` | {kv(u)} | {len(u) - kv(u):,} | "
                    f"{len(same):,} of {len(u):,} | {kv(same)} of {kv(u)} |")
