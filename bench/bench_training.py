@@ -222,7 +222,8 @@ def carry_measurements(old: dict | None, new: dict) -> dict:
 
 
 def read_run(run: Path, row: dict) -> dict:
-    """Fill a row from a finished run directory (metrics.json, plan.json)."""
+    """Fill a row from a finished run directory (metrics.json, plan.json); a LoRAShear cell's records the
+    docs need are copied to bench/results/ on the way (keep_lorashear_records)."""
     m = json.loads((run / "metrics.json").read_text())
     tasks = m["tasks"]
     row.update(status="ok", wikitext2=tasks["wikitext2"]["value"], ptb=tasks["ptb"]["value"])

@@ -34,7 +34,7 @@ WORKER = Path(__file__).resolve().parent / "multiprocess_worker.py"
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 # accelerate's refusal of fsdp_sync_module_states on the CPU, as worded before 1.16 and since
 FSDP_CPU_REFUSALS = ("RuntimeError: There are currently no available devices found, must be one of",
-             "RuntimeError: FSDP parameter initialization with `sync_module_states=True` is not supported on cpu.")
+                     "RuntimeError: FSDP parameter initialization with `sync_module_states=True` is not supported on cpu.")
 WORDS = ("the quick brown fox jumps over lazy dog pruning makes language models smaller hello world this is a "
          "test of shearkit").split()
 
